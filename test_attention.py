@@ -1,0 +1,265 @@
+"""Attention, mask and model checks against a plain float64 reference.
+
+    python -m pytest -q test_attention.py
+
+Tolerances: float32 paths against the float64 reference within 1e-5 (absolute and relative); bf16 on GPU
+within 2e-2. GPU tests skip without CUDA.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+FP32 = dict(atol=1e-5, rtol=1e-5)
+
+
+def reference_attention(q, k, v, window, gates=None):
+    """Masked softmax attention written out in float64: q (B, H, T, D), k, v (B, H_kv, T, D),
+    gates (B, T, H) or None. Key j is visible from query i iff j <= i and (window == 0 or i - j < window)."""
+    q, k, v = q.double(), k.double(), v.double()
+    T, group = q.size(2), q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = j <= i
+    if window > 0:
+        visible &= i - j < window
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    out = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+    if gates is not None:
+        out = out * gates.double().transpose(1, 2).unsqueeze(-1)
+    return out
+
+
+def random_qkv(B=2, H=6, H_kv=2, T=200, D=16, device=CPU, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, h, T, D, generator=gen).to(device, dtype)
+    return make(H), make(H_kv), make(H_kv)
+
+
+def tiny_args(**overrides):
+    base = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=96)
+    return tg.Hyperparameters(**{**base, **overrides})
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 5, 127, 128, 200, 300])
+@pytest.mark.parametrize("window", [0, 1, 3, 128, 256, 1000])
+def test_dense_mask_matches_rule(T, window):
+    mask = tg.build_attention_mask(window, T, CPU)
+    assert mask.shape == (T, T) and mask.dtype == torch.bool
+    for i in range(T):
+        for j in range(T):
+            assert bool(mask[i, j]) == (j <= i and (window == 0 or i - j < window)), (i, j)
+
+
+def test_window_edges_exact():
+    """i - j = W - 1 is visible, i - j = W is not; the token itself is always visible."""
+    W, T = 64, 300
+    mask = tg.build_attention_mask(W, T, CPU)
+    for i in range(T):
+        assert mask[i, i]
+        if i >= W - 1:
+            assert mask[i, i - (W - 1)]
+        if i >= W:
+            assert not mask[i, i - W]
+    assert mask.sum(dim=1).tolist() == [min(i + 1, W) for i in range(T)]
+
+
+def test_window_larger_than_sequence_is_causal():
+    T = 200
+    assert torch.equal(tg.build_attention_mask(T, T, CPU), tg.build_attention_mask(0, T, CPU))
+    assert torch.equal(tg.build_attention_mask(10 * T, T, CPU), torch.ones(T, T, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("T, window", [(200, 0), (300, 64), (130, 256)])
+def test_block_mask_agrees_with_dense_mask(T, window):
+    """The BlockMask that CUDA uses encodes the same visibility as the dense mask of the CPU path."""
+    block_mask = create_block_mask(tg.sliding_window_mask(window), None, None, T, T, device="cpu")
+    dense = block_mask.to_dense()[0, 0].bool()  # which 128 x 128 blocks are computed at all
+    rule = tg.build_attention_mask(window, T, CPU)
+    blocks = -(-T // 128)
+    padded = torch.zeros(blocks * 128, blocks * 128, dtype=torch.bool)
+    padded[:T, :T] = rule
+    needed = padded.view(blocks, 128, blocks, 128).any(dim=3).any(dim=1)
+    assert torch.equal(dense, needed)
+
+
+# --- attention paths against the reference -------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [0, 1, 17, 64, 500])
+@pytest.mark.parametrize("T", [64, 200])
+def test_cpu_paths_match_reference(window, T):
+    """flex_attention (forward only on CPU), the SDPA training path and the float64 reference agree."""
+    q, k, v = random_qkv(T=T, seed=window + T)
+    gates = torch.rand(q.size(0), T, q.size(1))
+    ref = reference_attention(q, k, v, window, gates)
+    sdpa = tg.attention(q, k, v, tg.build_attention_mask(window, T, CPU))
+    block_mask = create_block_mask(tg.sliding_window_mask(window), None, None, T, T, device="cpu")
+    with torch.no_grad():
+        flex = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    gate = gates.transpose(1, 2).unsqueeze(-1)
+    torch.testing.assert_close((sdpa * gate).double(), ref, **FP32)
+    torch.testing.assert_close((flex * gate).double(), ref, **FP32)
+
+
+def test_baseline_equals_sdpa_causal():
+    q, k, v = random_qkv(T=150)
+    ours = tg.attention(q, k, v, tg.build_attention_mask(0, 150, CPU))
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    torch.testing.assert_close(ours, sdpa, **FP32)
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_cpu_path_gradients_match_reference(window):
+    """Gradients of q, k, v and the gate's W_g, b_g through the CPU path against float64."""
+    B, H, T, D, width = 2, 6, 80, 16, 24
+    q, k, v = random_qkv(B=B, H=H, T=T, D=D, seed=window)
+    x = torch.randn(B, T, width)
+    w_g, b_g = torch.randn(H, width) * 0.3, torch.randn(H)
+    upstream = torch.randn(B, H, T, D)
+
+    def grads(dtype, attend):
+        leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v, w_g, b_g)]
+        gates = torch.sigmoid(x.to(dtype) @ leaves[3].T + leaves[4])  # B, T, H
+        out = attend(*leaves[:3], gates)
+        (out * upstream.to(dtype)).sum().backward()
+        return [t.grad for t in leaves]
+
+    mask = tg.build_attention_mask(window, T, CPU)
+    ours = grads(torch.float32, lambda q, k, v, g: tg.attention(q, k, v, mask) * g.transpose(1, 2).unsqueeze(-1))
+    ref = grads(torch.float64, lambda q, k, v, g: reference_attention(q, k, v, window, g))
+    for name, a, b in zip(("q", "k", "v", "W_g", "b_g"), ours, ref):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+# --- the gate and the attention module -----------------------------------------------------------
+
+
+def gated_attention_module(seed=0):
+    torch.manual_seed(seed)
+    cfg = tg.ModelConfig.from_args(tiny_args(gate="head"))
+    module = tg.Attention(cfg)
+    torch.nn.init.normal_(module.gate.weight, std=0.5)  # trained-like gates, not the all-0.5 start
+    torch.nn.init.normal_(module.gate.bias)
+    return cfg, module
+
+
+def test_gate_values_and_shape():
+    cfg, module = gated_attention_module()
+    x = torch.randn(3, 40, cfg.d_model)
+    g = module.head_gates(x)
+    assert g.shape == (3, 40, cfg.n_head)
+    assert (g > 0).all() and (g < 1).all()
+
+
+def test_gate_starts_at_one_half():
+    model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate="head")))
+    g = model.blocks[0].attn.head_gates(torch.randn(2, 10, 64))
+    assert torch.equal(g, torch.full_like(g, 0.5))
+
+
+def test_zero_gate_removes_exactly_that_head():
+    """Closing head h's gate equals deleting head h's columns of o_proj, with every other head unchanged."""
+    cfg, module = gated_attention_module()
+    B, T, h, D = 2, 50, 1, cfg.head_dim
+    x = torch.randn(B, T, cfg.d_model)
+    cos, sin = tg.rotary_tables(D, T, cfg.rope_base)
+    mask = tg.build_attention_mask(16, T, CPU)
+    with torch.no_grad():
+        removed = module(x, cos, sin, mask).clone()
+        module.o_proj.weight[:, h * D : (h + 1) * D] = 0
+        full_gate_removed = module(x, cos, sin, mask)
+        module.gate.weight[h] = 0
+        module.gate.bias[h] = float("-inf")  # sigmoid(-inf) = 0: head h's gate is exactly closed
+        closed = module(x, cos, sin, mask)
+    torch.testing.assert_close(closed, full_gate_removed, atol=0, rtol=0)
+    assert not torch.allclose(removed, closed)
+
+
+def test_attention_module_matches_reference():
+    """The whole gated module in float32 against the same weights through the float64 reference."""
+    cfg, module = gated_attention_module(seed=3)
+    B, T, window = 2, 70, 20
+    x = torch.randn(B, T, cfg.d_model)
+    cos, sin = tg.rotary_tables(cfg.head_dim, T, cfg.rope_base)
+    out = module(x, cos, sin, tg.build_attention_mask(window, T, CPU))
+    m64, x64 = module.double(), x.double()
+    q = tg.apply_rotary(m64.q_norm(m64.q_proj(x64).view(B, T, cfg.n_head, -1)), cos.double(), sin.double())
+    k = tg.apply_rotary(m64.k_norm(m64.k_proj(x64).view(B, T, cfg.n_kv_head, -1)), cos.double(), sin.double())
+    v = m64.v_proj(x64).view(B, T, cfg.n_kv_head, -1)
+    gates = torch.sigmoid(x64 @ m64.gate.weight.T + m64.gate.bias)
+    y = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, gates)
+    ref = m64.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    torch.testing.assert_close(out.double(), ref, **FP32)
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+def test_default_parameter_count_near_134m():
+    for gate in ("none", "head"):
+        model = tg.GPT(tg.ModelConfig.from_args(tg.Hyperparameters(gate=gate)))
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n / 134e6 - 1) < 0.03, n
+
+
+@pytest.mark.parametrize("gate, window", [("none", 0), ("head", 32)])
+def test_first_loss_is_uniform_guess(gate, window):
+    torch.manual_seed(0)
+    args = tiny_args(gate=gate, window=window)
+    model = tg.GPT(tg.ModelConfig.from_args(args))
+    idx, targets = torch.randint(0, 50257, (2, 2, args.seq_len))
+    with torch.no_grad():
+        loss = model(idx, targets, tg.build_attention_mask(window, args.seq_len, CPU)).item()
+    assert abs(loss - math.log(args.vocab_size)) < 0.3, loss
+
+
+def test_attention_flops_count_visible_pairs():
+    dense = tg.attention_flops_per_token(1, 1, 1, 4, 0)  # keys seen: 1 + 2 + 3 + 4
+    windowed = tg.attention_flops_per_token(1, 1, 1, 4, 2)  # 1 + 2 + 2 + 2
+    assert dense == 12 * 10 / 4 and windowed == 12 * 7 / 4
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window, T", [(0, 1024), (256, 1024), (256, 777), (64, 2048)])
+def test_gpu_flex_forward_backward_match_reference(dtype, tol, window, T):
+    """Compiled flex_attention on the GPU (forward and backward) against float64 on the CPU."""
+    device = torch.device("cuda")
+    q, k, v = random_qkv(B=2, H=12, H_kv=4, T=T, D=128, seed=T + window)
+    upstream = torch.randn_like(q)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    out = tg.attention(*leaves, tg.build_attention_mask(window, T, device))
+    (out.float() * upstream.to(device)).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ref_leaves, window)
+    (ref * upstream.double()).sum().backward()
+    for a, b in zip([out] + [t.grad for t in leaves], [ref] + [t.grad for t in ref_leaves]):
+        a, b = a.double().cpu(), b.detach()
+        assert (a - b).norm() / b.norm() < tol
+
+
+@cuda
+def test_gpu_compiled_model_equals_eager():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    args = tiny_args(gate="head", window=32, seq_len=256)
+    model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
+    idx, targets = torch.randint(0, 50257, (2, 4, 256), device=device)
+    mask = tg.build_attention_mask(32, 256, device)
+    eager = model(idx, targets, mask)
+    compiled = torch.compile(model, dynamic=False)(idx, targets, mask)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,154 @@
+"""Training, data loading, configuration and logging on the CPU, on the shipped Jane Austen sample.
+
+    python -m pytest -q test_train.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_TRAIN = os.path.join(HERE, "data/sample/austen_train_*.bin")
+SAMPLE_VAL = os.path.join(HERE, "data/sample/austen_val_*.bin")
+TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--head-dim", "16",
+        "--mlp-hidden", "128", "--seq-len", "128", "--micro-batch-tokens", "1024", "--compile", "false"]
+
+
+def tiny_run(tmp_path, *extra):
+    return ["--train-files", SAMPLE_TRAIN, "--val-files", SAMPLE_VAL, "--log-dir", str(tmp_path), *TINY,
+            "--batch-tokens", "2048", "--val-tokens", "8192", "--warmup-steps", "2", "--cooldown-steps", "4",
+            "--lr", "3e-3", *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def only_run_dir(parent):
+    (name,) = os.listdir(parent)
+    return os.path.join(parent, name)
+
+
+def test_tiny_gated_model_learns_and_logs(tmp_path):
+    """Starts at ln(vocab) and clearly learns; the run directory holds everything the README promises."""
+    summary = tg.main(tiny_run(tmp_path, "--steps", "40", "--val-every", "20", "--window", "32", "--gate", "head"))
+    run_dir = only_run_dir(tmp_path)
+    evals = [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
+    assert len(evals) == 3
+    assert abs(evals[0] - math.log(50304)) < 0.3, evals
+    assert evals[-1] < evals[0] - 2.5, evals
+    assert summary["val_loss"] == evals[-1]
+    for key in ("val_loss", "train_time_s", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "params", "window", "gate"):
+        assert key in summary
+    assert summary["tokens"] == 40 * 2048 and summary["window"] == 32 and summary["gate"] == "head"
+    with open(os.path.join(run_dir, "train_gpt.py")) as f, open(tg.__file__) as g:
+        assert f.read() == g.read()
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["window"] == 32
+    with open(os.path.join(run_dir, "env.json")) as f:
+        assert json.load(f)["torch"] == torch.__version__
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        log = f.read()
+    assert "step:40/40 loss:" in log and "tok/s:" in log and "val_loss:" in log
+
+
+def test_run_directories_are_never_reused(tmp_path):
+    first = tg.make_run_dir(str(tmp_path), "same")
+    second = tg.make_run_dir(str(tmp_path), "same")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gate", "both"], "--gate 'both'"),
+    (["--window", "-1"], "--window -1"),
+    (["--n-head", "6", "--n-kv-head", "4"], "--n-head 6 is not a multiple of --n-kv-head 4"),
+    (["--micro-batch-tokens", "1000", "--seq-len", "128"], "--micro-batch-tokens 1000 is not a multiple"),
+    (["--batch-tokens", "3072", "--micro-batch-tokens", "2048"], "--batch-tokens 3072"),
+    (["--val-tokens", "100"], "--val-tokens 100"),
+    (["--steps", "10", "--warmup-steps", "8", "--cooldown-steps", "8"], "exceed --steps 10"),
+])
+def test_config_errors_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        tg.check_config(tg.parse_args(flags), world_size=1)
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--windw", "3"])
+
+
+def test_missing_data_points_to_the_downloader(tmp_path):
+    with pytest.raises(ValueError, match="data/fineweb.py"):
+        tg.find_shards(str(tmp_path / "nothing_*.bin"), "train-files")
+
+
+def test_lr_schedule_warmup_constant_cooldown():
+    args = tg.Hyperparameters(lr=1.0, steps=10, warmup_steps=2, cooldown_steps=4)
+    assert [tg.get_lr(s, args) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+
+
+def make_shards(tmp_path, lengths):
+    """Shards whose token values are all distinct, so a value identifies its place in the data."""
+    files, offset = [], 0
+    for i, n in enumerate(lengths):
+        files.append(str(tmp_path / f"t_train_{i:06d}.bin"))
+        tg.write_shard(files[-1], np.arange(offset, offset + n))
+        offset += n
+    return files
+
+
+def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path):
+    """Two ranks, in rank order, read exactly the shards end to end in each epoch's seeded order, which is
+    also what one process reads: no token twice within an epoch, none skipped, the same for any world size."""
+    lengths, seed = [5000, 3000, 700], 1
+    files = make_shards(tmp_path, lengths)
+    cpu = torch.device("cpu")
+    shards = [tg.load_shard(f, 50304) for f in files]
+    stream = np.concatenate([shards[i] for epoch in range(4)
+                             for i in np.random.default_rng((seed, epoch)).permutation(len(files))])
+    single = tg.DataLoader(files, 2, 16, 0, 1, 50304, cpu, seed=seed)
+    ranks = [tg.DataLoader(files, 2, 16, r, 2, 50304, cpu, seed=seed) for r in range(2)]
+    read = []
+    for _ in range(3 * sum(lengths) // 64):  # three epochs of 2 ranks x 32 tokens
+        for loader in ranks:
+            inputs, _ = loader.next_batch()
+            assert torch.equal(inputs, single.next_batch()[0])
+            read.append(inputs.flatten().numpy())
+    read = np.concatenate(read)
+    assert np.array_equal(read, stream[: len(read)])
+
+
+def test_loader_targets_are_inputs_shifted_by_one(tmp_path):
+    files = make_shards(tmp_path, [4000])
+    inputs, targets = tg.DataLoader(files, 3, 10, 0, 1, 50304, torch.device("cpu")).next_batch()
+    assert inputs.shape == targets.shape == (3, 10)
+    assert torch.equal(inputs.flatten()[1:], targets.flatten()[:-1])
+
+
+def test_loader_refuses_shards_smaller_than_a_batch(tmp_path):
+    files = make_shards(tmp_path, [60, 60])
+    with pytest.raises(ValueError, match="hold 120 tokens, fewer than the 129 of one batch"):
+        tg.DataLoader(files, 2, 64, 0, 1, 50304, torch.device("cpu"))
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_accumulation(tmp_path):
+    """torchrun with 2 gloo ranks and 1 process with 2 accumulation steps train on the same tokens: same losses."""
+    flags = tiny_run(tmp_path, "--steps", "6", "--val-every", "0", "--window", "32", "--gate", "head")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, command in (("ddp", launch), ("single", [sys.executable])):
+        subprocess.run([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
+                       check=True, env=env, capture_output=True, timeout=600)
+    runs = {name: read_metrics(os.path.join(tmp_path, d)) for d in os.listdir(tmp_path)
+            for name in ("ddp", "single") if d.startswith(name)}
+    losses = {name: [m.get("train_loss", m.get("val_loss")) for m in metrics] for name, metrics in runs.items()}
+    assert len(losses["ddp"]) == 7  # 6 steps and the final evaluation
+    np.testing.assert_allclose(losses["ddp"], losses["single"], rtol=1e-5)

@@ -1,0 +1,613 @@
+"""
+Gated sliding-window attention against full causal attention, in one file.
+
+A Qwen3-style decoder (pre-norm RMSNorm, RoPE, grouped-query attention with RMSNorm on q and k, SwiGLU
+MLP, tied embeddings, no biases) trained on pre-tokenized GPT-2 shards. Attention is one function with two
+knobs: `--window W` limits each query to itself and the W-1 tokens before it (0 = full causal), and
+`--gate head` multiplies each head's output by g = sigmoid(W_g x + b_g), a learned gate per head and token,
+as in "Dynamic Sparse Attention with Learned Head Gating". On CUDA the masks run through FlexAttention;
+on CPU, where FlexAttention has no backward, the same mask_mod becomes a dense mask for SDPA.
+
+    python train_gpt.py --window 256 --gate head                 # one GPU (or the CPU)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py ...     # 8 GPUs, same global batch
+"""
+with open(__file__) as f:
+    code = f.read()  # saved into every run's log directory, so a log can reproduce its run
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # tokens per evaluation, the same ones every time
+    # model (the defaults give the paper's ~134M-parameter model)
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12  # query heads
+    n_kv_head: int = 4  # key/value heads, shared by n_head // n_kv_head query heads each
+    head_dim: int = 128
+    mlp_hidden: int = 2048
+    rope_base: float = 10000.0
+    window: int = 0  # tokens each query sees, itself included; 0 = full causal
+    gate: str = "none"  # "none" or "head": a sigmoid gate per head and token on the attention output
+    # optimisation
+    seq_len: int = 1024  # tokens per sequence
+    batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and accumulation steps
+    micro_batch_tokens: int = 65_536  # tokens per forward/backward on one device
+    steps: int = 5000  # optimizer steps (the default sees 2.6B tokens, ~20 per parameter)
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 200  # linear warmup from 0
+    cooldown_steps: int = 1000  # linear decay to 0 over the last steps
+    weight_decay: float = 0.1  # on matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    seed: int = 0
+    # evaluation and logging
+    val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
+    log_dir: str = "logs"  # each run gets a new subdirectory here
+    run_name: str = "run"  # prefix of the run's directory name
+    peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
+    compile: bool = True  # torch.compile the model (CUDA only)
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    """One `--field value` flag per Hyperparameters field; unknown flags are errors."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Hyperparameters):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="true|false")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return Hyperparameters(**vars(parser.parse_args(argv)))
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    mlp_hidden: int
+    rope_base: float
+    max_seq_len: int
+    gate: str  # "none" or "head"
+
+    @classmethod
+    def from_args(cls, args: Hyperparameters) -> "ModelConfig":
+        names = {f.name for f in fields(cls)} - {"max_seq_len"}
+        return cls(max_seq_len=args.seq_len, **{n: getattr(args, n) for n in names})
+
+
+def sliding_window_mask(window: int):
+    """mask_mod: key j is visible from query i iff j <= i and, with a window W > 0, i - j < W."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = kv_idx <= q_idx
+        if window > 0:
+            visible = visible & (q_idx - kv_idx < window)
+        return visible
+
+    return mask_mod
+
+
+def build_attention_mask(window: int, seq_len: int, device: torch.device):
+    """The mask `attention` takes: a FlexAttention BlockMask on CUDA, the same mask_mod as a dense (T, T)
+    boolean tensor elsewhere. Built once per (window, seq_len), outside forward, so it never recompiles."""
+    mask_mod = sliding_window_mask(window)
+    if device.type == "cuda":
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    idx = torch.arange(seq_len, device=device)
+    return mask_mod(None, None, idx[:, None], idx[None, :])
+
+
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
+
+
+def attention(q, k, v, mask):
+    """Masked softmax attention for q (B, H, T, D) and k, v (B, H_kv, T, D), with H a multiple of H_kv.
+
+    The only place that picks a backend: FlexAttention for a BlockMask (CUDA), SDPA with a dense boolean
+    mask otherwise, because FlexAttention has no backward on CPU. The tests check that the two agree."""
+    if isinstance(mask, BlockMask):
+        return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, base: float):
+    """cos and sin of shape (T, D/2): pair (d, d + D/2) of each head turns by position * base^(-2d/D)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, T, H, D); cos, sin: (T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=True) if cfg.gate == "head" else None
+
+    def head_gates(self, x):
+        """g[b, t, h] = sigmoid(W_g x[b, t] + b_g)[h], in (0, 1)."""
+        return torch.sigmoid(self.gate(x))
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)  # B, T, H, D
+        if self.gate is not None:
+            y = y * self.head_gates(x).unsqueeze(-1)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All initialisation, in one place.
+
+        Matrices and the embedding: normal(0, 0.02), as GPT-2. The residual-branch outputs (o_proj,
+        down_proj) are scaled down by sqrt(2 * n_layer), so the residual stream's variance does not grow
+        with depth (GPT-2). With the tied embedding this makes the logits small, and the first loss sits near
+        ln(vocab_size), the loss of a uniform guess. RMSNorm weights start at 1.
+        The head gate starts with W_g = 0 and b_g = 0: every gate is 0.5, the sigmoid's steepest point, so
+        it learns fastest there and starts from no preference between heads or tokens; the constant factor
+        0.5 is absorbed by o_proj. (A gate started near 1 would make the gated model start as window-only,
+        but its gradient would be about 5x smaller.)"""
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            elif "gate." in name:
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets, mask):
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
+        T = idx.size(1)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        logits = F.linear(self.final_norm(x), self.embed.weight)  # tied output layer
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int) -> float:
+    """Training FLOPs of QK^T and PV per token, counting only the visible (query, key) pairs:
+    2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward."""
+    keys = [min(i + 1, window) if window > 0 else i + 1 for i in range(seq_len)]
+    return 12 * n_layer * n_head * head_dim * sum(keys) / seq_len
+
+
+# -----------------------------------------------------------------------------
+# Data
+# Shard format, written by data/fineweb.py's write_shard and read here: a header of HEADER_INTS int32
+# (SHARD_MAGIC, SHARD_VERSION, token count, then zeros), then the tokens as uint16, each document starting
+# with BOS_ID (GPT-2's <|endoftext|>). The same layout as the pre-tokenized FineWeb shards.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+BOS_ID = 50256
+_FIX = "re-create it with data/fineweb.py (delete it first)"
+
+
+def read_shard_header(path: str) -> int:
+    """Returns the shard's token count after checking its magic, version and size."""
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_INTS * 4}-byte header; {_FIX}")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC}; not a token shard, or {_FIX}")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: format version {header[1]}, expected {SHARD_VERSION}; {_FIX}")
+    expected = HEADER_INTS * 4 + 2 * int(header[2])
+    if size != expected:
+        raise ValueError(f"{path}: {size} bytes, but its header's {header[2]} tokens need {expected}; "
+                         f"the file is truncated or damaged; {_FIX}")
+    return int(header[2])
+
+
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    """All of a shard's tokens as uint16, after checking the header and that every id is < vocab_size."""
+    count = read_shard_header(path)
+    tokens = np.fromfile(path, dtype=np.uint16, count=count, offset=HEADER_INTS * 4)
+    if count and tokens.max() >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token id {tokens[position]} at position {position} is >= the vocabulary "
+                         f"size {vocab_size}; the shard was made by another tokenizer, or pass --vocab-size")
+    return tokens
+
+
+def write_shard(path: str, tokens) -> None:
+    """Writes tokens (ids < 2**16) as a shard, through a temporary file so a crash never leaves a partial one."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must lie in [0, 65536) to fit uint16")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def find_shards(pattern: str, flag: str) -> list:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ValueError(f"--{flag} {pattern!r} matches no files; download FineWeb with `python data/fineweb.py`, "
+                         f"tokenize your own text with `python data/fineweb.py --tokenize`, or fix the pattern")
+    return files
+
+
+class DataLoader:
+    """Yields (inputs, targets) of shape (B, T) from one stream: the shards end to end, in a new order each
+    epoch when seeded (training), in sorted order otherwise (validation).
+
+    Micro-step k of rank r of W reads the stream at (k * W + r) * B * T, plus one token for the last target.
+    So ranks never share a token, and one process with W times the accumulation reads the same tokens in the
+    same steps as W processes: the number of GPUs changes the speed, not the data."""
+
+    def __init__(self, files, B, T, rank, world_size, vocab_size, device, seed=None):
+        self.files, self.B, self.T = files, B, T
+        self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
+        self.device, self.seed = device, seed
+        self.tokens_per_epoch = sum(read_shard_header(f) for f in files)
+        span = world_size * B * T + 1
+        if self.tokens_per_epoch < span:
+            raise ValueError(f"{len(files)} shard(s) from {files[0]} hold {self.tokens_per_epoch} tokens, fewer than "
+                             f"the {span} of one batch (world size x micro-batch + 1); use a smaller "
+                             f"--micro-batch-tokens or more data")
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.shard_index = 0, -1
+        self.buffer = np.zeros(0, dtype=np.uint16)  # the stream from the current position on
+
+    def _load_next_shard(self):
+        self.shard_index += 1
+        if self.shard_index == len(self.files):
+            self.epoch, self.shard_index = self.epoch + 1, 0
+        order = np.arange(len(self.files))
+        if self.seed is not None:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.files))
+        return load_shard(self.files[order[self.shard_index]], self.vocab_size)
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        while len(self.buffer) < self.world_size * B * T + 1:
+            self.buffer = np.concatenate([self.buffer, self._load_next_shard()])
+        start = self.rank * B * T
+        chunk = torch.from_numpy(self.buffer[start : start + B * T + 1].astype(np.int64))
+        self.buffer = self.buffer[self.world_size * B * T :]
+        if self.device.type == "cuda":
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+        return chunk[:-1].view(B, T), chunk[1:].view(B, T)
+
+
+# -----------------------------------------------------------------------------
+# Schedule and evaluation
+
+
+def get_lr(step: int, args: Hyperparameters) -> float:
+    """Linear warmup, constant, then linear cooldown to 0 over the last cooldown_steps (warmup-stable-decay)."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if step >= args.steps - args.cooldown_steps:
+        return args.lr * (args.steps - step) / args.cooldown_steps
+    return args.lr
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, steps: int, mask) -> float:
+    """Mean loss over the loader's first `steps` batches on every rank: the same tokens each call."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=loader.device)
+    for _ in range(steps):
+        inputs, targets = loader.next_batch()
+        with autocast(loader.device):
+            total += model(inputs, targets, mask).float()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / (steps * loader.world_size)
+
+
+def autocast(device: torch.device):
+    """bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow on most processors."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# Setup and logging
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size, device) from torchrun's variables; one process when RANK is unset."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world_size, device
+
+
+def check_config(args: Hyperparameters, world_size: int) -> int:
+    """Checks flags that must agree before any work; returns the gradient accumulation steps."""
+    problems = []
+    if args.gate not in ("none", "head"):
+        problems.append(f"--gate {args.gate!r}: use none or head")
+    if args.window < 0:
+        problems.append(f"--window {args.window}: use 0 (full causal) or a positive number of tokens")
+    if args.n_head % args.n_kv_head:
+        problems.append(f"--n-head {args.n_head} is not a multiple of --n-kv-head {args.n_kv_head}")
+    if args.head_dim % 2:
+        problems.append(f"--head-dim {args.head_dim} must be even for rotary embeddings")
+    if args.micro_batch_tokens % args.seq_len:
+        problems.append(f"--micro-batch-tokens {args.micro_batch_tokens} is not a multiple of --seq-len {args.seq_len}")
+    per_step = world_size * args.micro_batch_tokens
+    if args.batch_tokens % per_step:
+        problems.append(f"--batch-tokens {args.batch_tokens} is not a multiple of world size {world_size} x "
+                        f"--micro-batch-tokens {args.micro_batch_tokens} = {per_step}")
+    if args.val_tokens < per_step or args.val_tokens % per_step:
+        problems.append(f"--val-tokens {args.val_tokens} must be a positive multiple of world size {world_size} x "
+                        f"--micro-batch-tokens {args.micro_batch_tokens} = {per_step}")
+    if args.warmup_steps + args.cooldown_steps > args.steps:
+        problems.append(f"--warmup-steps {args.warmup_steps} + --cooldown-steps {args.cooldown_steps} exceed "
+                        f"--steps {args.steps}")
+    if problems:
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+    return args.batch_tokens // per_step
+
+
+def make_run_dir(log_dir: str, run_name: str) -> str:
+    """A new directory logs/<run_name>-<time>[-N]; never one that exists, so no run overwrites another."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = os.path.join(log_dir, f"{run_name}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {log_dir}")
+
+
+def environment(device: torch.device, world_size: int) -> dict:
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "world_size": world_size, "argv": sys.argv}
+    if device.type == "cuda":
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+        except OSError:
+            env["nvidia_smi"] = None
+    return env
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, local_rank, world_size, device = setup_distributed()
+    grad_accum_steps = check_config(args, world_size)
+    master = rank == 0
+    run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
+
+    def print0(msg: str):
+        if master:
+            print(msg, flush=True)
+            with open(os.path.join(run_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def record(**metrics):
+        if master:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    if master:
+        with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
+            f.write(code)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        with open(os.path.join(run_dir, "env.json"), "w") as f:
+            json.dump(environment(device, world_size), f, indent=2)
+    print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
+
+    torch.manual_seed(args.seed)
+    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
+    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
+                              args.vocab_size, device, seed=args.seed)
+    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
+                            args.vocab_size, device)
+    val_steps = args.val_tokens // (world_size * B * T)
+    if val_loader.tokens_per_epoch < args.val_tokens + 1:
+        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
+                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
+
+    raw_model = GPT(ModelConfig.from_args(args)).to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window)
+    print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
+    model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    mask = build_attention_mask(args.window, T, device)
+
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+
+    timing_skip = min(5, args.steps - 1)  # the first steps compile; they stay out of step time and tokens/s
+    timed_time, timed_steps, train_time, val_loss = 0.0, 0, 0.0, float("nan")
+    tokens_per_step = args.batch_tokens
+    for step in range(args.steps + 1):
+        last_step = step == args.steps
+        if last_step or (args.val_every > 0 and step % args.val_every == 0):
+            val_loss = evaluate(model, val_loader, val_steps, mask)
+            print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
+            record(step=step, val_loss=val_loss, train_time_s=train_time)
+        if last_step:
+            break
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loss = torch.zeros((), device=device)
+        for micro_step in range(grad_accum_steps):
+            inputs, targets = train_loader.next_batch()
+            if world_size > 1:
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast(device):
+                loss = model(inputs, targets, mask) / grad_accum_steps
+            loss.backward()
+            train_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world_size > 1:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        if step >= timing_skip:
+            timed_time, timed_steps = timed_time + step_time, timed_steps + 1
+        tokens_per_s = tokens_per_step * timed_steps / timed_time if timed_steps else tokens_per_step / step_time
+        eta = (args.steps - step - 1) * (timed_time / timed_steps if timed_steps else step_time)
+        print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
+               f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
+        record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
+
+    on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
+    mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
+    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None
+    summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
+               "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
+               "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
+               "lr": args.lr, "device": environment(device, world_size)["device"], "world_size": world_size}
+    if master:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
+    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
+           f"logs in {run_dir}")
+    if dist.is_initialized():
+        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
+        # thread while holding the GIL that thread waits for, and the process never exits
+        del model
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
