@@ -1,0 +1,212 @@
+"""Speed on one GPU: attention alone, and whole training steps of the default model.
+
+    python bench.py                                  # both tables
+    python bench.py --tables attention --seq-lens 8192
+    python bench.py --tables step --seq-lens 1024 --profile gated    # plus the top kernels of one step
+
+Every variant runs in this one process, after a warm-up, and reports the median of many timed runs
+(CUDA events). Attention: forward + backward in bf16 of 12 query heads of 128 and 4 key/value heads, with
+batch x length fixed at --tokens. Steps: one compiled forward + backward + AdamW step of the default
+~134M model on --tokens tokens, as train_gpt.py runs it.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import train_gpt as tg
+
+N_HEAD, N_KV_HEAD, HEAD_DIM, D_MODEL, WINDOW = 12, 4, 128, 768, 256
+
+
+def median_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def attention_variants(T: int, device):
+    """name -> function of (q, k, v, x) returning the attention output (B, H, T, D)."""
+    untuned_flex = torch.compile(flex_attention, dynamic=False)
+    window_block_mask = create_block_mask(tg.sliding_window_mask(WINDOW), None, None, T, T, device=device)
+    causal_mask = tg.build_attention_mask(0, T, device)
+    window_mask = tg.build_attention_mask(WINDOW, T, device)
+    gate = torch.nn.Linear(D_MODEL, N_HEAD, device=device, dtype=torch.bfloat16)
+
+    def sdpa_flash(q, k, v, x):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def gated(q, k, v, x):
+        g = torch.sigmoid(gate(x)).transpose(1, 2).unsqueeze(-1)  # B, H, T, 1
+        return tg.attention(q, k, v, window_mask) * g
+
+    return {
+        "SDPA flash, causal": sdpa_flash,
+        "ours, causal (baseline)": lambda q, k, v, x: tg.attention(q, k, v, causal_mask),
+        f"ours, window {WINDOW}": lambda q, k, v, x: tg.attention(q, k, v, window_mask),
+        f"ours, window {WINDOW} + gate": gated,
+        f"untuned flex, window {WINDOW}": lambda q, k, v, x: untuned_flex(q, k, v, block_mask=window_block_mask,
+                                                                         enable_gqa=True),
+    }
+
+
+def attention_table(seq_lens, tokens: int, device):
+    rows = []
+    for T in seq_lens:
+        B = tokens // T
+        make = lambda h: torch.randn(B, h, T, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = make(N_HEAD), make(N_KV_HEAD), make(N_KV_HEAD)
+        x = torch.randn(B, T, D_MODEL, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(B, N_HEAD, T, HEAD_DIM, device=device, dtype=torch.bfloat16)
+        times = {}
+        for name, fn in attention_variants(T, device).items():
+            def step():
+                fn(q, k, v, x).backward(grad)
+                q.grad = k.grad = v.grad = x.grad = None
+            try:
+                times[name] = median_ms(step, warmup=5, reps=30)
+            except Exception as error:  # a backend that refuses a shape is a row, not a crash
+                times[name] = None
+                print(f"T={T} {name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        reference = times["SDPA flash, causal"]
+        for name, ms in times.items():
+            ratio = f"{ms / reference:.2f}" if ms and reference else "-"
+            rows.append(f"| {T} | {name} | {ms:.3f} | {ratio} |" if ms else f"| {T} | {name} | error | - |")
+    print(f"\nAttention forward + backward, bf16, {N_HEAD} query heads / {N_KV_HEAD} KV heads of {HEAD_DIM}, "
+          f"{tokens:,} tokens (batch x length)")
+    print("| seq len | variant | ms (median) | vs SDPA flash causal |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+FLEX_CONFIGS = {  # (block-mask block size, kernel_options) tried by --tables sweep for the window kernel
+    "block 128, default kernel": (128, None),
+    "block 64, default kernel": (64, None),
+    "block 128, M128 N64 w8 s2": (128, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
+    "block 128, M64 N128 w4 s3": (128, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+    "block 64, M64 N64 w4 s3": (64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    "block 128, M128 N128 w8 s2": (128, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+}
+
+
+def flex_sweep(seq_lens, tokens: int, device):
+    """Window-256 flex_attention, forward + backward, over block sizes and kernel options."""
+    compiled = torch.compile(flex_attention, dynamic=False)
+    print(f"\nflex_attention window {WINDOW}, forward + backward, {tokens:,} tokens")
+    print("| seq len | configuration | ms (median) |\n|---|---|---|")
+    for T in seq_lens:
+        B = tokens // T
+        make = lambda h: torch.randn(B, h, T, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = make(N_HEAD), make(N_KV_HEAD), make(N_KV_HEAD)
+        grad = torch.randn_like(q)
+        for name, (block, options) in FLEX_CONFIGS.items():
+            mask = create_block_mask(tg.sliding_window_mask(WINDOW), None, None, T, T, device=device,
+                                     BLOCK_SIZE=block)
+
+            def step():
+                compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options).backward(grad)
+                q.grad = k.grad = v.grad = None
+            try:
+                print(f"| {T} | {name} | {median_ms(step, warmup=5, reps=30):.3f} |", flush=True)
+            except Exception as error:
+                print(f"| {T} | {name} | error: {type(error).__name__}: {str(error).splitlines()[0][:120]} |")
+
+
+STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=WINDOW, gate="head"),
+                 "window": dict(window=WINDOW, gate="none")}
+
+
+def build_step(args: tg.Hyperparameters, device):
+    """One training step as train_gpt.py's loop runs it, with one micro-step."""
+    raw_model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
+    model = torch.compile(raw_model, dynamic=False)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    mask = tg.build_attention_mask(args.window, args.seq_len, device)
+    B = args.micro_batch_tokens // args.seq_len
+    inputs, targets = torch.randint(0, 50257, (2, B, args.seq_len), device=device)
+
+    def step():
+        with tg.autocast(device):
+            loss = model(inputs, targets, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops = 6 * n_params + tg.attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, args.seq_len,
+                                                        args.window)
+    return step, flops
+
+
+def step_table(seq_lens, tokens: int, peak_tflops: float, profile: str, device):
+    rows = []
+    for T in seq_lens:
+        for name, variant in STEP_VARIANTS.items():
+            args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, **variant)
+            step, flops = build_step(args, device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            ms = median_ms(step, warmup=3, reps=15)
+            tokens_per_s = tokens / (ms / 1000)
+            mfu = flops * tokens_per_s / (peak_tflops * 1e12)
+            memory = torch.cuda.max_memory_allocated(device) / 1e9
+            rows.append(f"| {T} | {name} | {ms:.1f} | {tokens_per_s:,.0f} | {100 * mfu:.1f}% | {memory:.1f} |")
+            print(f"T={T} {name}: {ms:.1f} ms/step (first step, compiling, {compile_s:.0f} s)", flush=True)
+            if name == profile:
+                print_profile(step)
+            del step
+            torch.cuda.empty_cache()
+    print(f"\nTraining step of the default model (compiled, AdamW), {tokens:,} tokens per step, "
+          f"MFU over {peak_tflops:.0f} TFLOP/s")
+    print("| seq len | preset | ms/step | tokens/s | MFU | peak memory (GB) |\n|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def print_profile(step):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+
+
+def main():
+    torch._dynamo.config.recompile_limit = 64  # one compiled flex_attention serves every shape and option here
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tables", default="attention,step", help="attention, step, sweep (flex options for the window kernel), comma-separated")
+    parser.add_argument("--seq-lens", default=None, help="comma-separated; default 1024..16384 for attention, "
+                                                         "1024,4096,16384 for steps")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
+    parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
+    parser.add_argument("--profile", default="", help="print the top kernels of one step of this preset")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    seq_lens = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else None
+    if "attention" in args.tables:
+        attention_table(seq_lens or [1024, 2048, 4096, 8192, 16384], args.tokens, device)
+    if "sweep" in args.tables:
+        flex_sweep(seq_lens or [8192], args.tokens, device)
+    if "step" in args.tables:
+        step_table(seq_lens or [1024, 4096, 16384], args.tokens, args.peak_tflops, args.profile, device)
+
+
+if __name__ == "__main__":
+    main()
