@@ -91,13 +91,18 @@ def attention_table(seq_lens, tokens: int, device):
     print("\n".join(rows))
 
 
+SAFE = tg.FLEX_KERNEL_OPTIONS
 FLEX_CONFIGS = {  # (block-mask block size, kernel_options) tried by --tables sweep for the window kernel
-    "block 128, default kernel": (128, None),
-    "block 64, default kernel": (64, None),
-    "block 128, M128 N64 w8 s2": (128, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
-    "block 128, M64 N128 w4 s3": (128, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
-    "block 64, M64 N64 w4 s3": (64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
-    "block 128, M128 N128 w8 s2": (128, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+    "default": (128, None),
+    "fwd M128 N128 w8 s2": (128, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}),
+    "safe rows, contiguous blocks": (128, SAFE),
+    "+ prescaled QK": (128, {**SAFE, "PRESCALE_QK": True}),
+    "+ TMA": (128, {**SAFE, "USE_TMA": True}),
+    "+ dQ in the dK loop": (128, {**SAFE, "WRITE_DQ": False}),
+    "bwd M1 64 N1 128 M2 128 N2 64 w8 s2": (128, {**SAFE, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                                  "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 2}),
+    "bwd M1 32 N1 128 M2 128 N2 32 w4 s3": (128, {**SAFE, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                                  "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3}),
 }
 
 
