@@ -346,7 +346,8 @@ class DataLoader:
         self.files, self.B, self.T = files, B, T
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.device, self.seed = device, seed
-        self.tokens_per_epoch = sum(read_shard_header(f) for f in files)
+        self.shard_tokens = [read_shard_header(f) for f in files]
+        self.tokens_per_epoch = sum(self.shard_tokens)
         span = world_size * B * T + 1
         if self.tokens_per_epoch < span:
             raise ValueError(f"{len(files)} shard(s) from {files[0]} hold {self.tokens_per_epoch} tokens, fewer than "
@@ -357,15 +358,29 @@ class DataLoader:
     def reset(self):
         self.epoch, self.shard_index = 0, -1
         self.buffer = np.zeros(0, dtype=np.uint16)  # the stream from the current position on
+        self.position = 0  # tokens of the stream consumed by all ranks together: the state a checkpoint keeps
+
+    def seek(self, position: int):
+        """Continues the stream at `position`, as if next_batch had consumed that many tokens; reads one shard."""
+        self.reset()
+        self.position = position
+        self.epoch, skip = divmod(position, self.tokens_per_epoch)
+        order, self.shard_index = self._order(self.epoch), 0
+        while skip >= self.shard_tokens[order[self.shard_index]]:
+            skip -= self.shard_tokens[order[self.shard_index]]
+            self.shard_index += 1
+        self.buffer = load_shard(self.files[order[self.shard_index]], self.vocab_size)[skip:]
+
+    def _order(self, epoch: int):
+        if self.seed is None:
+            return np.arange(len(self.files))
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.files))
 
     def _load_next_shard(self):
         self.shard_index += 1
         if self.shard_index == len(self.files):
             self.epoch, self.shard_index = self.epoch + 1, 0
-        order = np.arange(len(self.files))
-        if self.seed is not None:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.files))
-        return load_shard(self.files[order[self.shard_index]], self.vocab_size)
+        return load_shard(self.files[self._order(self.epoch)[self.shard_index]], self.vocab_size)
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -374,6 +389,7 @@ class DataLoader:
         start = self.rank * B * T
         chunk = torch.from_numpy(self.buffer[start : start + B * T + 1].astype(np.int64))
         self.buffer = self.buffer[self.world_size * B * T :]
+        self.position += self.world_size * B * T
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         return chunk[:-1].view(B, T), chunk[1:].view(B, T)
