@@ -77,7 +77,7 @@ class Hyperparameters:
     peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
     compile: bool = True  # torch.compile the model (CUDA only)
     # checkpoints and guards
-    save_every: int = 500  # steps between checkpoints in the run directory, and one after the last step; 0 = only that one
+    save_every: int = 500  # steps between checkpoints, plus one after the last step; 0 = only that one
     keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
     resume: str = ""  # continue from this checkpoint, or from a run directory's newest one; "" = a new run
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops
@@ -458,7 +458,7 @@ CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rn
 # gradient sums changes, so the losses then agree to float rounding, not bit for bit.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch_tokens",
                         "train_files", "val_files", "val_tokens", "val_every", "log_dir", "run_name", "peak_tflops",
-                        "compile", "save_every", "keep_checkpoints", "resume", "skip_nonfinite")
+                        "compile", "save_every", "keep_checkpoints", "skip_nonfinite")
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -500,7 +500,7 @@ def find_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """To the CPU: RNG states must be CPU tensors, and load_state_dict copies the rest to the model's device."""
+    """Loads to the CPU: RNG states must be CPU tensors, and load_state_dict copies the rest to the model's device."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file fails in the zip reader, the unpickler or with EOF
@@ -515,7 +515,7 @@ def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, wo
     deliberate changes, for the log."""
     saved, refused, changed = checkpoint["config"], [], []
     for name, value in dataclasses.asdict(args).items():
-        if name == "resume" or saved.get(name) == value:
+        if name == "resume" or saved.get(name) == value:  # --resume names the checkpoint, so it always differs
             continue
         difference = f"{flag(name)} {saved.get(name)!r} -> {value!r}"
         if name in MAY_CHANGE_ON_RESUME:
@@ -524,8 +524,9 @@ def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, wo
             refused.append(difference)
     if [list(shard) for shard in checkpoint["train_shards"]] != train_shards:
         old, new = checkpoint["train_shards"], train_shards
-        refused.append(f"--train-files: the checkpoint read {len(old)} shard(s) ({old[0][0]} .. {old[-1][0]}), this "
-                       f"run finds {len(new)} ({new[0][0]} .. {new[-1][0]}) or other sizes; point it at the same shards")
+        refused.append(f"--train-files: the checkpoint read {len(old)} shard(s) ({old[0][0]} .. {old[-1][0]}), "
+                       f"this run finds {len(new)} ({new[0][0]} .. {new[-1][0]}) or other sizes; point it at the "
+                       f"same shards")
     if args.steps < checkpoint["step"]:
         refused.append(f"--steps {args.steps} ends before the checkpoint's step {checkpoint['step']}; pass more")
     if refused:
@@ -649,6 +650,9 @@ def make_run_dir(log_dir: str, run_name: str) -> str:
             return path
         except FileExistsError:
             continue
+        except OSError as error:
+            raise ValueError(f"--log-dir {log_dir}: cannot make a run directory in it ({error}); pass a writable "
+                             f"directory") from error
     raise RuntimeError(f"could not create a new run directory under {log_dir}")
 
 
@@ -733,7 +737,8 @@ def main(argv=None):
     start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
     if checkpoint is not None:
         restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
-        start_step, train_time, skipped = checkpoint["step"], checkpoint["train_time_s"], checkpoint["nonfinite_skipped"]
+        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
+        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
         last_checkpoint = args.resume
         print0(f"resumed from {args.resume} at step {start_step}"
                + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
