@@ -216,6 +216,16 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(unint
     assert resumed != stopped and {**losses(stopped), **losses(resumed)} == full
 
 
+def test_sigint_is_noted_like_sigterm_and_the_handlers_are_given_back():
+    """Ctrl-C raises no KeyboardInterrupt mid-step; it is read, like SIGTERM, at the end of the step."""
+    before = signal.getsignal(signal.SIGINT)
+    stop = tg.StopSignals()
+    signal.raise_signal(signal.SIGINT)
+    assert stop.agreed(CPU) == signal.SIGINT
+    stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def rank_1_worker(agent_pid):
     """The pid of the torchrun worker with RANK=1, from /proc."""
     children = []

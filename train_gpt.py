@@ -824,18 +824,18 @@ def main(argv=None):
             last_checkpoint = save_checkpoint(step + 1)
         if stop_signal:
             break
-    stop.restore()
     if dist.is_initialized():
         # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
         # thread while holding the GIL that thread waits for, and the process never exits
         del model
         dist.destroy_process_group()
-    if failure:
-        raise FloatingPointError(failure)
-    if stop_signal:
+    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
         print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
                + resume_command(sys.argv[1:] if argv is None else argv, last_checkpoint, world_size))
         sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
+    stop.restore()
+    if failure:
+        raise FloatingPointError(failure)
 
     on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
     mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
