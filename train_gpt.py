@@ -10,6 +10,7 @@ on CPU, where FlexAttention has no backward, the same mask_mod becomes a dense m
 
     python train_gpt.py --window 256 --gate head                 # one GPU (or the CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt.py ...     # 8 GPUs, same global batch
+    python train_gpt.py ... --resume logs/<run>                   # continue a stopped run from its checkpoint
 """
 with open(__file__) as f:
     code = f.read()  # saved into every run's log directory, so a log can reproduce its run
