@@ -10,6 +10,7 @@ on CPU, where FlexAttention has no backward, the same mask_mod becomes a dense m
 
     python train_gpt.py --window 256 --gate head                 # one GPU (or the CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt.py ...     # 8 GPUs, same global batch
+    python train_gpt.py ... --resume logs/<run>                   # continue a stopped run from its checkpoint
 """
 with open(__file__) as f:
     code = f.read()  # saved into every run's log directory, so a log can reproduce its run
@@ -20,6 +21,9 @@ import glob
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -73,18 +77,26 @@ class Hyperparameters:
     run_name: str = "run"  # prefix of the run's directory name
     peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
     compile: bool = True  # torch.compile the model (CUDA only)
+    # checkpoints and guards
+    save_every: int = 500  # steps between checkpoints, plus one after the last step; 0 = only that one
+    keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
+    resume: str = ""  # continue from this checkpoint, or from a run directory's newest one; "" = a new run
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops
 
 
 def parse_args(argv=None) -> Hyperparameters:
     """One `--field value` flag per Hyperparameters field; unknown flags are errors."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Hyperparameters):
-        flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="true|false")
+            parser.add_argument(flag(f.name), type=_parse_bool, default=f.default, metavar="true|false")
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+            parser.add_argument(flag(f.name), type=type(f.default), default=f.default)
     return Hyperparameters(**vars(parser.parse_args(argv)))
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _parse_bool(text: str) -> bool:
@@ -349,7 +361,8 @@ class DataLoader:
         self.files, self.B, self.T = files, B, T
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.device, self.seed = device, seed
-        self.tokens_per_epoch = sum(read_shard_header(f) for f in files)
+        self.shard_tokens = [read_shard_header(f) for f in files]
+        self.tokens_per_epoch = sum(self.shard_tokens)
         span = world_size * B * T + 1
         if self.tokens_per_epoch < span:
             raise ValueError(f"{len(files)} shard(s) from {files[0]} hold {self.tokens_per_epoch} tokens, fewer than "
@@ -360,15 +373,29 @@ class DataLoader:
     def reset(self):
         self.epoch, self.shard_index = 0, -1
         self.buffer = np.zeros(0, dtype=np.uint16)  # the stream from the current position on
+        self.position = 0  # tokens of the stream consumed by all ranks together: the state a checkpoint keeps
+
+    def seek(self, position: int):
+        """Continues the stream at `position`, as if next_batch had consumed that many tokens; reads one shard."""
+        self.reset()
+        self.position = position
+        self.epoch, skip = divmod(position, self.tokens_per_epoch)
+        order, self.shard_index = self._order(self.epoch), 0
+        while skip >= self.shard_tokens[order[self.shard_index]]:
+            skip -= self.shard_tokens[order[self.shard_index]]
+            self.shard_index += 1
+        self.buffer = load_shard(self.files[order[self.shard_index]], self.vocab_size)[skip:]
+
+    def _order(self, epoch: int):
+        if self.seed is None:
+            return np.arange(len(self.files))
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.files))
 
     def _load_next_shard(self):
         self.shard_index += 1
         if self.shard_index == len(self.files):
             self.epoch, self.shard_index = self.epoch + 1, 0
-        order = np.arange(len(self.files))
-        if self.seed is not None:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.files))
-        return load_shard(self.files[order[self.shard_index]], self.vocab_size)
+        return load_shard(self.files[self._order(self.epoch)[self.shard_index]], self.vocab_size)
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -377,6 +404,7 @@ class DataLoader:
         start = self.rank * B * T
         chunk = torch.from_numpy(self.buffer[start : start + B * T + 1].astype(np.int64))
         self.buffer = self.buffer[self.world_size * B * T :]
+        self.position += self.world_size * B * T
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         return chunk[:-1].view(B, T), chunk[1:].view(B, T)
@@ -417,6 +445,146 @@ def autocast(device: torch.device):
 
 
 # -----------------------------------------------------------------------------
+# Checkpoints
+# A checkpoint holds everything the next step depends on: weights, AdamW's moments and step counts, the data
+# stream's position, the RNG states and the config. So a resumed run computes the same losses as one that
+# never stopped (bit for bit on the CPU with the same world size and micro-batch). Only tensors and plain
+# values are stored, so loading needs no pickled code (weights_only).
+
+CHECKPOINT_NAME = re.compile(r"ckpt_step(\d+)\.pt")
+CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rng_cuda", "config", "train_shards",
+                   "world_size", "train_time_s", "nonfinite_skipped"}
+
+# Flags a resumed run may change on purpose: the schedule and its length, evaluation, logging and speed. Every
+# other field must match the checkpoint's: the model, the batch and the data order (batch_tokens, seq_len,
+# seed), and AdamW's betas and weight decay, whose moments the checkpoint holds. The micro-batch (and the world
+# size) may change because every step still reads the same tokens (see DataLoader); only the order of the
+# gradient sums changes, so the losses then agree to float rounding, not bit for bit.
+MAY_CHANGE_ON_RESUME = ("steps", "lr", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch_tokens",
+                        "train_files", "val_files", "val_tokens", "val_every", "log_dir", "run_name", "peak_tflops",
+                        "compile", "save_every", "keep_checkpoints", "skip_nonfinite")
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"ckpt_step{step:06d}.pt")
+
+
+def run_checkpoints(run_dir: str) -> list:
+    """The checkpoints in a run directory, oldest first; an unfinished write (.tmp) is not one."""
+    found = sorted((int(m[1]), m[0]) for m in map(CHECKPOINT_NAME.fullmatch, os.listdir(run_dir)) if m)
+    return [os.path.join(run_dir, name) for _, name in found]
+
+
+def write_checkpoint(path: str, state: dict, keep: int):
+    """Writes a temporary file and renames it into place, so a crash mid-write leaves the earlier checkpoints
+    whole and nothing damaged under a checkpoint's name; then deletes all but the run's `keep` newest (0 = none)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in its place
+    os.replace(tmp, path)
+    if keep:
+        for old in run_checkpoints(os.path.dirname(path))[:-keep]:
+            os.remove(old)
+
+
+def find_checkpoint(path: str) -> str:
+    """--resume's checkpoint: the file itself, or a run directory's newest checkpoint."""
+    if os.path.isdir(path):
+        found = run_checkpoints(path)
+        if not found:
+            raise ValueError(f"--resume {path}: the directory holds no checkpoint (ckpt_step*.pt); pass a run "
+                             f"directory that has one, or a checkpoint file")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or the "
+                         f"run directory that holds it")
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads to the CPU: RNG states must be CPU tensors, and load_state_dict copies the rest to the model's device."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged or foreign file fails in the zip reader, the unpickler or with EOF
+        raise ValueError(f"--resume {path}: not a readable checkpoint ({error}); pass an earlier one") from error
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise ValueError(f"--resume {path}: not a checkpoint written by train_gpt.py; pass a ckpt_step*.pt file")
+    return checkpoint
+
+
+def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, world_size: int) -> list:
+    """Refuses to resume into a different model, batch or data, listing every difference; returns the
+    deliberate changes, for the log."""
+    saved, refused, changed = checkpoint["config"], [], []
+    for name, value in dataclasses.asdict(args).items():
+        if name == "resume" or saved.get(name) == value:  # --resume names the checkpoint, so it always differs
+            continue
+        difference = f"{flag(name)} {saved.get(name)!r} -> {value!r}"
+        if name in MAY_CHANGE_ON_RESUME:
+            changed.append(difference)
+        else:
+            refused.append(difference)
+    if [list(shard) for shard in checkpoint["train_shards"]] != train_shards:
+        old, new = checkpoint["train_shards"], train_shards
+        refused.append(f"--train-files: the checkpoint read {len(old)} shard(s) ({old[0][0]} .. {old[-1][0]}), "
+                       f"this run finds {len(new)} ({new[0][0]} .. {new[-1][0]}) or other sizes; point it at the "
+                       f"same shards")
+    if args.steps < checkpoint["step"]:
+        refused.append(f"--steps {args.steps} ends before the checkpoint's step {checkpoint['step']}; pass more")
+    if refused:
+        raise ValueError(f"--resume {args.resume}: this run differs from the checkpoint (its value -> this run's) "
+                         "where it must not:\n  " + "\n  ".join(refused) + "\nuse the checkpoint's values (its run's "
+                         "config.json) or start a new run without --resume")
+    if checkpoint["world_size"] != world_size:
+        changed.append(f"world size {checkpoint['world_size']} -> {world_size}")
+    return changed
+
+
+def restore_checkpoint(checkpoint: dict, model: GPT, optimizer, loader: DataLoader, device: torch.device):
+    model.load_state_dict(checkpoint["model"])
+    # this run's param groups (fused on CUDA only; lr is set every step) with the checkpoint's moments and counts
+    optimizer.load_state_dict({**checkpoint["optimizer"], "param_groups": optimizer.state_dict()["param_groups"]})
+    loader.seek(checkpoint["data_position"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption, which torchrun passes on to its workers) and SIGINT (Ctrl-C) are only
+    noted, so the current step finishes and the run stops after it with a checkpoint, not halfway through."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _note(self, signum, frame):
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none), the same on every rank, so all stop after the same step."""
+        if not dist.is_initialized():
+            return self.received
+        received = torch.tensor(self.received, device=device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received.item())
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def resume_command(argv: list, checkpoint: str, world_size: int) -> str:
+    """The command line that continues a stopped run: its own flags, with --resume last so it wins."""
+    flags = [a for i, a in enumerate(argv) if a != "--resume" and not a.startswith("--resume=")
+             and (i == 0 or argv[i - 1] != "--resume")]
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+    return f"{launcher} {shlex.join([os.path.relpath(__file__), *flags, '--resume', checkpoint])}"
+
+
+# -----------------------------------------------------------------------------
 # Setup and logging
 
 
@@ -438,6 +606,19 @@ def setup_distributed():
 def check_config(args: Hyperparameters, world_size: int) -> int:
     """Checks flags that must agree before any work; returns the gradient accumulation steps."""
     problems = []
+    for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "rope_base",
+                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps"):
+        if getattr(args, name) <= 0:
+            problems.append(f"{flag(name)} {getattr(args, name)}: must be positive")
+    for name in ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "val_every", "save_every",
+                 "keep_checkpoints", "skip_nonfinite"):
+        if getattr(args, name) < 0:
+            problems.append(f"{flag(name)} {getattr(args, name)}: must be 0 or more")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            problems.append(f"{flag(name)} {getattr(args, name)}: must lie in [0, 1)")
+    if problems:  # the checks below divide by these sizes
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     if args.gate not in ("none", "head"):
         problems.append(f"--gate {args.gate!r}: use none or head")
     if args.window < 0:
@@ -473,6 +654,9 @@ def make_run_dir(log_dir: str, run_name: str) -> str:
             return path
         except FileExistsError:
             continue
+        except OSError as error:
+            raise ValueError(f"--log-dir {log_dir}: cannot make a run directory in it ({error}); pass a writable "
+                             f"directory") from error
     raise RuntimeError(f"could not create a new run directory under {log_dir}")
 
 
@@ -497,7 +681,27 @@ def main(argv=None):
     rank, local_rank, world_size, device = setup_distributed()
     grad_accum_steps = check_config(args, world_size)
     master = rank == 0
+    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
+    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
+                              args.vocab_size, device, seed=args.seed)
+    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
+                            args.vocab_size, device)
+    val_steps = args.val_tokens // (world_size * B * T)
+    if val_loader.tokens_per_epoch < args.val_tokens + 1:
+        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
+                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
+    train_shards = [[os.path.basename(f), n] for f, n in zip(train_loader.files, train_loader.shard_tokens)]
+    checkpoint = None
+    if args.resume:
+        args = dataclasses.replace(args, resume=find_checkpoint(args.resume))  # config.json names the very file
+        checkpoint = load_checkpoint(args.resume)
+        resume_changes = check_resume(checkpoint, args, train_shards, world_size)
+
     run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
+    if world_size > 1:  # every rank names the same checkpoint files in its messages
+        shared = [run_dir]
+        dist.broadcast_object_list(shared)
+        run_dir = shared[0]
 
     def print0(msg: str):
         if master:
@@ -520,16 +724,6 @@ def main(argv=None):
     print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
 
     torch.manual_seed(args.seed)
-    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
-    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
-                              args.vocab_size, device, seed=args.seed)
-    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
-                            args.vocab_size, device)
-    val_steps = args.val_tokens // (world_size * B * T)
-    if val_loader.tokens_per_epoch < args.val_tokens + 1:
-        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
-                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
-
     raw_model = GPT(ModelConfig.from_args(args)).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window)
@@ -544,11 +738,37 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
+        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
+        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
+        last_checkpoint = args.resume
+        print0(f"resumed from {args.resume} at step {start_step}"
+               + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
+        del checkpoint  # frees the CPU copy of weights and moments
 
-    timing_skip = min(5, args.steps - 1)  # the first steps compile; they stay out of step time and tokens/s
-    timed_time, timed_steps, train_time, val_loss = 0.0, 0, 0.0, float("nan")
+    def save_checkpoint(step: int) -> str:
+        """Rank 0 writes; every rank waits for it, so none exits (or is killed with the job) while it writes."""
+        path = checkpoint_path(run_dir, step)
+        if master:
+            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "data_position": train_loader.position, "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
+                     "train_time_s": train_time, "nonfinite_skipped": skipped}
+            write_checkpoint(path, state, args.keep_checkpoints)
+            print0(f"checkpoint {path}")
+        if world_size > 1:
+            dist.barrier()
+        return path
+
+    # the first steps compile; they stay out of step time and tokens/s
+    timing_skip = start_step + min(5, args.steps - start_step - 1)
+    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
     tokens_per_step = args.batch_tokens
-    for step in range(args.steps + 1):
+    stop, stop_signal, failure = StopSignals(), 0, None
+    for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
         if last_step or (args.val_every > 0 and step % args.val_every == 0):
             val_loss = evaluate(model, val_loader, val_steps, mask)
@@ -573,11 +793,15 @@ def main(argv=None):
             loss.backward()
             train_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         if world_size > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
+        # checked before the update, which would spread a NaN to every weight; every rank sees the same averaged
+        # loss and, after DDP's all-reduce, the same gradients, so all decide alike
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         train_time += step_time
         if step >= timing_skip:
@@ -587,6 +811,35 @@ def main(argv=None):
         print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
                f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
         record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
+        if not finite:
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                where = (f"the last good checkpoint is {last_checkpoint}; resume from it" if last_checkpoint
+                         else "no checkpoint was written yet; start again")
+                failure = (f"step {step + 1}: loss {train_loss} or gradient norm {grad_norm} is not finite, so the "
+                           f"run stopped before updating the weights with it; {where} with a lower --lr, or with "
+                           f"--skip-nonfinite K to skip up to K such steps")
+                break
+            print0(f"step:{step + 1}/{args.steps} skipped: no update from a non-finite loss or gradient norm "
+                   f"({skipped} of --skip-nonfinite {args.skip_nonfinite})")
+
+        stop_signal = stop.agreed(device)
+        if stop_signal or step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0):
+            last_checkpoint = save_checkpoint(step + 1)
+        if stop_signal:
+            break
+    if dist.is_initialized():
+        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
+        # thread while holding the GIL that thread waits for, and the process never exits
+        del model
+        dist.destroy_process_group()
+    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
+        print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
+               + resume_command(sys.argv[1:] if argv is None else argv, last_checkpoint, world_size))
+        sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
+    stop.restore()
+    if failure:
+        raise FloatingPointError(failure)
 
     on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
     mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
@@ -601,16 +854,11 @@ def main(argv=None):
     gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
     print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
            f"logs in {run_dir}")
-    if dist.is_initialized():
-        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
-        # thread while holding the GIL that thread waits for, and the process never exits
-        del model
-        dist.destroy_process_group()
     return summary
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:
+    except (ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
