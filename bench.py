@@ -91,7 +91,7 @@ def attention_table(seq_lens, tokens: int, device):
     print("\n".join(rows))
 
 
-SAFE = tg.FLEX_KERNEL_OPTIONS
+SAFE = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
 FLEX_CONFIGS = {  # (block-mask block size, kernel_options) tried by --tables sweep for the window kernel
     "default": (128, None),
     "fwd M128 N128 w8 s2": (128, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}),
@@ -110,12 +110,16 @@ def flex_sweep(seq_lens, tokens: int, device):
     """Window-256 flex_attention, forward + backward, over block sizes and kernel options."""
     compiled = torch.compile(flex_attention, dynamic=False)
     print(f"\nflex_attention window {WINDOW}, forward + backward, {tokens:,} tokens")
-    print("| seq len | configuration | ms (median) |\n|---|---|---|")
+    print("| seq len | configuration | ms (median) | output error vs SDPA + dense mask |\n|---|---|---|---|")
     for T in seq_lens:
         B = tokens // T
         make = lambda h: torch.randn(B, h, T, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
         q, k, v = make(N_HEAD), make(N_KV_HEAD), make(N_KV_HEAD)
         grad = torch.randn_like(q)
+        with torch.no_grad():  # a fast configuration is only worth having if it computes the same thing
+            dense = tg.build_attention_mask(WINDOW, T, torch.device("cpu")).to(device)
+            reference = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=dense,
+                                                       enable_gqa=True)
         for name, (block, options) in FLEX_CONFIGS.items():
             mask = create_block_mask(tg.sliding_window_mask(WINDOW), None, None, T, T, device=device,
                                      BLOCK_SIZE=block)
@@ -124,9 +128,13 @@ def flex_sweep(seq_lens, tokens: int, device):
                 compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options).backward(grad)
                 q.grad = k.grad = v.grad = None
             try:
-                print(f"| {T} | {name} | {median_ms(step, warmup=5, reps=30):.3f} |", flush=True)
+                ms = median_ms(step, warmup=5, reps=30)
+                with torch.no_grad():
+                    out = compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)[:1].float()
+                error = ((out - reference).norm() / reference.norm()).item()
+                print(f"| {T} | {name} | {ms:.3f} | {error:.1e} |", flush=True)
             except Exception as error:
-                print(f"| {T} | {name} | error: {type(error).__name__}: {str(error).splitlines()[0][:120]} |")
+                print(f"| {T} | {name} | error: {type(error).__name__}: {str(error).splitlines()[0][:120]} | |")
 
 
 STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=WINDOW, gate="head"),
