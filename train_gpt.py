@@ -711,13 +711,14 @@ def main(argv=None):
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
+    env = environment(device, world_size)
     if master:
         with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
             f.write(code)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
         with open(os.path.join(run_dir, "env.json"), "w") as f:
-            json.dump(environment(device, world_size), f, indent=2)
+            json.dump(env, f, indent=2)
     print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
 
     torch.manual_seed(args.seed)
@@ -844,7 +845,7 @@ def main(argv=None):
     summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
                "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
                "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
-               "lr": args.lr, "device": environment(device, world_size)["device"], "world_size": world_size}
+               "lr": args.lr, "device": env["device"], "world_size": world_size}
     if master:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
