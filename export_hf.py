@@ -112,6 +112,9 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None):
 
 def export(checkpoint_path: str, out_dir: str) -> dict:
     """Writes out_dir/config.json and out_dir/model.safetensors; returns the config written."""
+    if not os.path.exists(checkpoint_path):  # find_checkpoint's own message speaks of --resume
+        raise ValueError(f"{checkpoint_path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or a run "
+                         f"directory")
     path = find_checkpoint(checkpoint_path)
     checkpoint = load_checkpoint(path)
     args = Hyperparameters(**checkpoint["config"])
