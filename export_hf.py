@@ -1,5 +1,5 @@
 """
-Export a train_gpt.py checkpoint as a Hugging Face transformers Qwen3 model (config.json + model.safetensors).
+Export a train_gpt.py checkpoint as a Hugging Face transformers Qwen3 model, with GPT-2's tokenizer files.
 
     python export_hf.py logs/run-20261127-120000 hf/run          # a run directory's newest checkpoint
     python export_hf.py logs/run-.../ckpt_step005000.pt hf/run   # or one checkpoint
@@ -13,7 +13,7 @@ sliding_window W: transformers lets key j reach query i iff 0 <= i - j < W, as t
 sliding_window_mask does. A gated model (--gate head) also exports its gates, as
 model.layers.{i}.self_attn.gate.weight and .bias, with "head_gate": true in config.json; stock transformers
 has no head gate, so it ignores them (and says so when loading) and computes the ungated model's logits.
-No tokenizer files are written; README.md ("Export to Hugging Face") says how to add GPT-2's.
+GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) are made from data/gpt2.tiktoken.
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from sample import gpt2_encoding
 from train_gpt import BOS_ID, Hyperparameters, ModelConfig, find_checkpoint, load_checkpoint
 
 # train_gpt.py parameter name -> transformers Qwen3ForCausalLM name; {i} is the layer. The output layer is
@@ -110,8 +111,59 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None):
             f.write(array.tobytes())
 
 
+def gpt2_byte_chars() -> dict:
+    """GPT-2's vocab.json spells each byte as a printable character: the printable Latin-1 bytes as themselves,
+    the other 68 (controls, space, ...) as chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def bpe_split(token: bytes, ranks: dict) -> list:
+    """The two tokens whose merge made token: BPE on its bytes with only the merges ranked before it."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def write_gpt2_tokenizer(out_dir: str, max_length: int):
+    """vocab.json, merges.txt and tokenizer_config.json for transformers' GPT2Tokenizer, made from the shipped
+    tiktoken ranks (data/gpt2.tiktoken): a token's rank is its id, and the merges, in rank order, are recovered
+    by splitting each token of two or more bytes with the merges ranked before it."""
+    ranks = gpt2_encoding()._mergeable_ranks
+    chars = gpt2_byte_chars()
+    spell = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = BOS_ID
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = bpe_split(token, ranks)
+            assert len(parts) == 2, f"token {token!r} is not one merge of earlier tokens: {parts}"
+            merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": max_length}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def export(checkpoint_path: str, out_dir: str) -> dict:
-    """Writes out_dir/config.json and out_dir/model.safetensors; returns the config written."""
+    """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir; returns the config."""
     if not os.path.exists(checkpoint_path):  # find_checkpoint's own message speaks of --resume
         raise ValueError(f"{checkpoint_path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or a run "
                          f"directory")
@@ -126,6 +178,7 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
         json.dump(config, f, indent=2)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
                       {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
+    write_gpt2_tokenizer(out_dir, cfg.max_seq_len)
     attention = f"sliding window {args.window}" if args.window > 0 else "full causal"
     print(f"exported {path} (step {checkpoint['step']}, {attention}, gate {args.gate}) to {out_dir}")
     if cfg.gate == "head":
@@ -138,7 +191,7 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a ckpt_step*.pt file, or a run directory (its newest checkpoint)")
-    parser.add_argument("out_dir", help="the folder to write config.json and model.safetensors into")
+    parser.add_argument("out_dir", help="the folder to write the model and tokenizer files into")
     args = parser.parse_args(argv)
     export(args.checkpoint, args.out_dir)
 

@@ -82,6 +82,8 @@ def test_export_names_every_weight_and_the_window(tmp_path):
     assert config["head_gate"] and config["sliding_window"] == WINDOW and config["use_sliding_window"]
     assert config["layer_types"] == ["sliding_attention"] * TINY["n_layer"]
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).exists()
 
 
 def load_hf(path, attn_implementation):
@@ -124,6 +126,22 @@ def test_transformers_loads_a_gated_model_without_its_gates(tmp_path):
             block.attn.gate.weight.zero_()
             block.attn.gate.bias.fill_(100.0)  # sigmoid(100) is 1 in float32
     assert (our_logits(model, WINDOW, idx) - theirs).abs().max() < 1e-4
+
+
+def test_exported_tokenizer_matches_tiktoken(tmp_path):
+    """The GPT-2 tokenizer files made from data/gpt2.tiktoken encode and decode as tiktoken's GPT-2 does."""
+    transformers = pytest.importorskip("transformers")
+    make_checkpoint(str(tmp_path / "ckpt.pt"))
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert len((tmp_path / "hf" / "merges.txt").read_text().splitlines()) == 1 + 50000  # GPT-2's merges
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    encoding = sample.gpt2_encoding()
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for text in (readme, "  Hello,\tworld!\n\n  h\u00e9llo \u65e5\u672c\u8a9e<|endoftext|>it's  \x00 ", " \n"):
+        ids = encoding.encode(text, allowed_special="all")
+        assert tokenizer(text)["input_ids"] == ids
+        assert tokenizer.decode(ids) == text
 
 
 def greedy_by_hand(model, window, ids, n):
