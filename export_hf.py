@@ -12,7 +12,7 @@ A window-only model (--window W) becomes a Qwen3 model whose every layer is a "s
 sliding_window W: transformers lets key j reach query i iff 0 <= i - j < W, as train_gpt.py's
 sliding_window_mask does. A gated model (--gate head) also exports its gates, as
 model.layers.{i}.self_attn.gate.weight and .bias, with "head_gate": true in config.json; stock transformers
-has no head gate, so it ignores them (and says so when loading) and computes the ungated model's logits.
+has no head gate, so it ignores them (and says so when loading) and computes the model with every gate at 1.
 GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) are made from data/gpt2.tiktoken.
 """
 import argparse
@@ -184,7 +184,7 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     if cfg.gate == "head":
         print("warning: the head gates are exported as model.layers.{i}.self_attn.gate.weight and .bias, but stock "
               "transformers has no head gate: it ignores them (and warns about unused weights), so its logits are "
-              "those of the model without gates, not the trained model's", file=sys.stderr)
+              "those of the model with every gate at 1, not the trained model's", file=sys.stderr)
     return config
 
 

@@ -160,6 +160,19 @@ def test_greedy_sampling_equals_greedy_by_hand(tmp_path):
     assert new == greedy_by_hand(model, WINDOW, prompt, 80)
 
 
+def test_transformers_generate_equals_greedy_sampling(tmp_path):
+    """transformers' greedy generate (with its KV cache and sliding window) continues a prompt as sample.py does,
+    within seq_len, where sample.py does not crop."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"), "sdpa")
+    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"])
+    prompt = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
+    hf.generation_config.pad_token_id = tg.BOS_ID
+    out = hf.generate(prompt, max_new_tokens=30, do_sample=False, suppress_tokens=list(range(50257, 50304)))
+    assert out[0, prompt.size(1):].tolist() == new
+
+
 def test_sampling_repeats_for_a_seed(tmp_path):
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
     runs = [sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "20", "--temperature",
