@@ -265,14 +265,18 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx, targets, mask):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
+    def logits(self, idx, mask):
+        """idx: (B, T) token ids; returns the next-token logits (B, T, vocab_size)."""
         T = idx.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        logits = F.linear(self.final_norm(x), self.embed.weight)  # tied output layer
+        return F.linear(self.final_norm(x), self.embed.weight)  # tied output layer
+
+    def forward(self, idx, targets, mask):
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
+        logits = self.logits(idx, mask)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 

@@ -1,0 +1,197 @@
+"""Export to Hugging Face transformers (export_hf.py) and sampling (sample.py), on tiny random models, on the CPU.
+
+    python -m pytest -q test_ecosystem.py
+
+The transformers tests are skipped when transformers is not installed.
+"""
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import export_hf
+import sample
+import train_gpt as tg
+from test_train import HERE
+
+CPU = torch.device("cpu")
+TINY = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
+WINDOW = 8
+PROMPT = "It is a truth universally acknowledged"
+
+
+def make_checkpoint(path, **flags):
+    """A checkpoint in train_gpt.py's format of a tiny model with random weights (norms and gates included,
+    so a swapped or dropped weight changes the logits); returns the model and its Hyperparameters."""
+    args = tg.Hyperparameters(**TINY, **flags)
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_args(args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    state = {"step": 2, "model": model.state_dict(), "optimizer": {}, "data_position": 0,
+             "rng_cpu": torch.get_rng_state(), "rng_cuda": None, "config": dataclasses.asdict(args),
+             "train_shards": [], "world_size": 1, "train_time_s": 0.0, "nonfinite_skipped": 0}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return model.eval(), args
+
+
+def our_logits(model, window, idx):
+    with torch.no_grad():
+        return model.logits(idx, tg.build_attention_mask(window, idx.size(1), CPU))
+
+
+def read_safetensors_header(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def test_safetensors_layout(tmp_path):
+    """Header length, JSON offsets and little-endian float32 bytes as the format describes."""
+    tensors = {"a": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.tensor([-1.5])}
+    path = tmp_path / "t.safetensors"
+    export_hf.write_safetensors(path, tensors, {"format": "pt"})
+    header, start = read_safetensors_header(path)
+    assert start % 8 == 0 and header["__metadata__"] == {"format": "pt"}
+    data = path.read_bytes()[start:]
+    for name, tensor in tensors.items():
+        info = header[name]
+        assert info["dtype"] == "F32" and info["shape"] == list(tensor.shape)
+        begin, end = info["data_offsets"]
+        assert np.array_equal(np.frombuffer(data[begin:end], dtype="<f4").reshape(tensor.shape), tensor.numpy())
+    assert len(data) == header["b"]["data_offsets"][1]
+
+
+def test_export_names_every_weight_and_the_window(tmp_path):
+    model, _ = make_checkpoint(str(tmp_path / "run" / "ckpt_step000002.pt"), window=WINDOW, gate="head")
+    config = export_hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))  # a run directory: its newest checkpoint
+    header, _ = read_safetensors_header(tmp_path / "hf" / "model.safetensors")
+    assert len(header) - 1 == len(model.state_dict())  # one per weight, plus __metadata__
+    for i in range(TINY["n_layer"]):
+        assert header[f"model.layers.{i}.self_attn.gate.weight"]["shape"] == [TINY["n_head"], TINY["d_model"]]
+        assert header[f"model.layers.{i}.self_attn.gate.bias"]["shape"] == [TINY["n_head"]]
+    assert "lm_head.weight" not in header and config["tie_word_embeddings"]
+    assert config["head_gate"] and config["sliding_window"] == WINDOW and config["use_sliding_window"]
+    assert config["layer_types"] == ["sliding_attention"] * TINY["n_layer"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).exists()
+
+
+def load_hf(path, attn_implementation):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.parametrize("window, attn_implementation", [(0, "eager"), (0, "sdpa"), (WINDOW, "eager"),
+                                                         (WINDOW, "sdpa")])
+def test_transformers_logits_match(tmp_path, window, attn_implementation):
+    """Baseline and window-only: Qwen3 in transformers gives train_gpt.py's logits, on a sequence 5 windows long;
+    a window one token shorter or longer would not (the window convention)."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=window)
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"), attn_implementation)
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, 50257, (2, 5 * WINDOW), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    difference = (our_logits(model, window, idx) - theirs).abs().max().item()
+    print(f"window {window}, {attn_implementation}: max abs logit difference {difference:.2e}")
+    assert difference < 1e-4
+    if window:
+        for other in (window - 1, window + 1):
+            assert (our_logits(model, other, idx) - theirs).abs().max() > 1e-2
+
+
+def test_transformers_loads_a_gated_model_without_its_gates(tmp_path):
+    """Stock transformers ignores the exported gates: it computes the model with every gate at 1."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"), "sdpa")
+    idx = torch.randint(0, 50257, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        assert (our_logits(model, WINDOW, idx) - theirs).abs().max() > 1e-2
+        for block in model.blocks:
+            block.attn.gate.weight.zero_()
+            block.attn.gate.bias.fill_(100.0)  # sigmoid(100) is 1 in float32
+    assert (our_logits(model, WINDOW, idx) - theirs).abs().max() < 1e-4
+
+
+def test_exported_tokenizer_matches_tiktoken(tmp_path):
+    """The GPT-2 tokenizer files made from data/gpt2.tiktoken encode and decode as tiktoken's GPT-2 does."""
+    transformers = pytest.importorskip("transformers")
+    make_checkpoint(str(tmp_path / "ckpt.pt"))
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert len((tmp_path / "hf" / "merges.txt").read_text().splitlines()) == 1 + 50000  # GPT-2's merges
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    encoding = sample.gpt2_encoding()
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for text in (readme, "  Hello,\tworld!\n\n  h\u00e9llo \u65e5\u672c\u8a9e<|endoftext|>it's  \x00 ", " \n"):
+        ids = encoding.encode(text, allowed_special="all")
+        assert tokenizer(text)["input_ids"] == ids
+        assert tokenizer.decode(ids) == text
+
+
+def greedy_by_hand(model, window, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        context = torch.tensor(ids[-TINY["seq_len"]:])[None]
+        ids.append(int(our_logits(model, window, context)[0, -1, :50257].argmax()))
+    return ids[-n:]
+
+
+def test_greedy_sampling_equals_greedy_by_hand(tmp_path):
+    """Window and gates as trained; 80 new tokens run the context past seq_len, so it is cropped."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
+    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "80", "--temperature", "0"])
+    prompt = [tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)
+    assert new == greedy_by_hand(model, WINDOW, prompt, 80)
+
+
+def test_transformers_generate_equals_greedy_sampling(tmp_path):
+    """transformers' greedy generate (with its KV cache and sliding window) continues a prompt as sample.py does,
+    within seq_len, where sample.py does not crop."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
+    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"), "sdpa")
+    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"])
+    prompt = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
+    hf.generation_config.pad_token_id = tg.BOS_ID
+    out = hf.generate(prompt, max_new_tokens=30, do_sample=False, suppress_tokens=list(range(50257, 50304)))
+    assert out[0, prompt.size(1):].tolist() == new
+
+
+def test_sampling_repeats_for_a_seed(tmp_path):
+    make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
+    runs = [sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "20", "--temperature",
+                         "1.5", "--top-k", "100", "--seed", str(seed)]) for seed in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+    assert all(0 <= t < 50257 for t in runs[0])
+
+
+def test_command_lines(tmp_path):
+    """export_hf.py and sample.py as a user runs them, on a run directory."""
+    make_checkpoint(str(tmp_path / "run" / "ckpt_step000002.pt"))
+    done = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), str(tmp_path / "run"), "--prompt", PROMPT,
+                           "--max-new-tokens", "5", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(PROMPT) and "5 tokens in" in done.stderr and "tokens/s" in done.stderr
+    done = subprocess.run([sys.executable, os.path.join(HERE, "export_hf.py"), str(tmp_path / "run"),
+                           str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    for main in (sample.main, lambda argv: export_hf.main([*argv, str(tmp_path / "out")])):
+        with pytest.raises(ValueError, match="none: no such file or directory"):
+            main([str(tmp_path / "none")])
