@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, find_checkpoint, load_checkpoint, \
-    sliding_window_mask
+from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, dense_attention_mask, find_checkpoint, \
+    load_checkpoint
 
 
 def gpt2_encoding():
@@ -42,12 +42,6 @@ def load_model(checkpoint_path: str, device: torch.device):
     return model.to(device).eval(), args.window
 
 
-def dense_mask(window: int, length: int, device: torch.device):
-    """train_gpt.py's mask rule as a (T, T) boolean tensor, so attention() takes SDPA for every length."""
-    idx = torch.arange(length, device=device)
-    return sliding_window_mask(window)(None, None, idx[:, None], idx[None, :])
-
-
 @torch.no_grad()
 def generate(model: GPT, window: int, ids: list, max_new_tokens: int, temperature: float, top_k: int,
              vocab: int, generator: torch.Generator) -> list:
@@ -60,7 +54,7 @@ def generate(model: GPT, window: int, ids: list, max_new_tokens: int, temperatur
     for _ in range(max_new_tokens):
         context = context[-model.cfg.max_seq_len:]  # the model's rotary tables end at seq_len
         with autocast(device):
-            logits = model.logits(context[None], dense_mask(window, len(context), device))
+            logits = model.logits(context[None], dense_attention_mask(window, len(context), device))
         logits = logits[0, -1, :vocab].float()
         if temperature == 0:
             token = logits.argmax()

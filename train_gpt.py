@@ -142,14 +142,19 @@ def sliding_window_mask(window: int):
     return mask_mod
 
 
+def dense_attention_mask(window: int, seq_len: int, device: torch.device):
+    """sliding_window_mask as a (T, T) boolean tensor, for SDPA."""
+    idx = torch.arange(seq_len, device=device)
+    return sliding_window_mask(window)(None, None, idx[:, None], idx[None, :])
+
+
 def build_attention_mask(window: int, seq_len: int, device: torch.device):
     """The mask `attention` takes: a FlexAttention BlockMask on CUDA, the same mask_mod as a dense (T, T)
     boolean tensor elsewhere. Built once per (window, seq_len), outside forward, so it never recompiles."""
-    mask_mod = sliding_window_mask(window)
     if device.type == "cuda":
-        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-    idx = torch.arange(seq_len, device=device)
-    return mask_mod(None, None, idx[:, None], idx[None, :])
+        return create_block_mask(sliding_window_mask(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+                                 device=device)
+    return dense_attention_mask(window, seq_len, device)
 
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
