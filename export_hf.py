@@ -170,6 +170,9 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     path = find_checkpoint(checkpoint_path)
     checkpoint = load_checkpoint(path)
     args = Hyperparameters(**checkpoint["config"])
+    if args.gate == "mix":
+        raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "
+                         f"place for; export a none or head model")
     cfg = ModelConfig.from_args(args)
     config = hf_config(cfg, args.window)
     tensors = hf_state_dict(checkpoint["model"], cfg.n_layer)

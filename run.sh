@@ -6,7 +6,14 @@
 #   gated     256-token sliding window + head gate: the paper's method
 #   window    256-token sliding window, no gate (ablation)
 #   gate      full causal attention + head gate (ablation)
+#   compare   baseline and gated over several seeds (--seeds 0,1,2) and learning rates (--lrs 1e-3,2e-3), then
+#             a table beside the paper's Table 1 (logs/compare-<time>/table.md)
+#   ablate    window only, gate only, windows 64/128/256/512 with the gate, full attention, and the --gate mix
+#             reading (--seeds 0 by default), then the same table (logs/ablate-<time>/table.md)
+#   compare and ablate take --arms a,b (some of their arms only) and --log-dir DIR (the study's directory goes there).
 # Training runs on all visible GPUs through torchrun (set NGPU to use fewer), or on the CPU without one.
+# compare and ablate instead give each run one GPU and run NGPU of them at once: at this model size that
+# is faster than spreading every run over all GPUs.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,6 +36,77 @@ fetch_fineweb() {
     python3 data/fineweb.py
 }
 
+# Arms of the compare and ablate studies: name, then its attention flags.
+declare -A ARM=(
+    [baseline]="--window 0 --gate none"
+    [gated]="--window 256 --gate head"
+    [window]="--window 256 --gate none"
+    [gate]="--window 0 --gate head"
+    [gated-64]="--window 64 --gate head"
+    [gated-128]="--window 128 --gate head"
+    [gated-512]="--window 512 --gate head"
+    [mix]="--window 256 --gate mix"
+)
+
+# study NAME DEFAULT_ARMS DEFAULT_SEEDS ARGS...: every arm x seed x learning rate, one GPU per run, then a table.
+study() {
+    local name="$1" arms="$2" seeds="$3" lrs="" log_dir=logs passed=()
+    shift 3
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            --arms|--seeds|--lrs|--log-dir)
+                [ "$#" -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
+                printf -v "$(tr - _ <<< "${1#--}")" '%s' "$2"; shift 2 ;;
+            --run-name|--seed|--lr|--window|--gate)
+                echo "$name sets $1 itself for each run: use --arms, --seeds and --lrs" >&2; exit 2 ;;
+            *) passed+=("$1"); shift ;;
+        esac
+    done
+    local arm seed lr runs=() lr_list=(${lrs//,/ })
+    [ "${#lr_list[@]}" -gt 0 ] || lr_list=("")  # no --lrs: the flags' learning rate (train_gpt.py's default)
+    for arm in ${arms//,/ }; do
+        [ -n "${ARM[$arm]:-}" ] || { echo "unknown arm '$arm': use ${!ARM[*]}" >&2; exit 2; }
+    done
+    fetch_fineweb "${passed[@]}"
+    local out
+    out="$log_dir/$name-$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$log_dir"
+    mkdir "$out" || { echo "$out exists; start the study again in a second" >&2; exit 1; }
+    for lr in "${lr_list[@]}"; do
+        for seed in ${seeds//,/ }; do
+            for arm in ${arms//,/ }; do
+                runs+=("$arm|$seed|$lr")
+            done
+        done
+    done
+    # run i goes to GPU i mod NGPU (of those CUDA_VISIBLE_DEVICES lists, if set); each GPU takes its runs in turn
+    local gpu devices pids=() failed=0
+    IFS=',' read -r -a devices <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NGPU - 1)))}"
+    for ((gpu = 0; gpu < NGPU; gpu++)); do
+        (
+            local i
+            for ((i = gpu; i < ${#runs[@]}; i += NGPU)); do
+                IFS='|' read -r arm seed lr <<< "${runs[$i]}"
+                local flags=(${ARM[$arm]} --run-name "$arm" --seed "$seed" ${lr:+--lr "$lr"} --log-dir "$out")
+                local output="$out/$arm-seed$seed${lr:+-lr$lr}.out"
+                echo "run $((i + 1))/${#runs[@]}: $arm, seed $seed${lr:+, lr $lr}, device $gpu; output in $output"
+                if ! CUDA_VISIBLE_DEVICES="${devices[$gpu]}" torchrun --standalone --nproc_per_node=1 train_gpt.py \
+                        "${passed[@]}" "${flags[@]}" > "$output" 2>&1; then
+                    echo "run $arm, seed $seed${lr:+, lr $lr} failed; the end of $output:" >&2
+                    tail -n 5 "$output" >&2
+                    exit 1
+                fi
+            done
+        ) &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" || failed=1
+    done
+    [ "$failed" = 0 ] || { echo "$name: some runs failed (above); the finished ones are in $out" >&2; exit 1; }
+    python3 compare.py --paper --out "$out/table.md" "$out"
+}
+
 case "$preset" in
     baseline) fetch_fineweb "$@"; train --window 0 --gate none --run-name baseline "$@" ;;
     gated)    fetch_fineweb "$@"; train --window 256 --gate head --run-name gated "$@" ;;
@@ -48,8 +126,10 @@ case "$preset" in
         train "${tiny[@]}" --window 64 --gate head --run-name gated "$@"
         python3 compare.py "$out"
         ;;
+    compare) study compare baseline,gated 0,1,2 "$@" ;;
+    ablate)  study ablate baseline,gated,window,gate,gated-64,gated-128,gated-512,mix 0 "$@" ;;
     *)
-        echo "unknown preset '$preset': use demo, baseline, gated, window or gate" >&2
+        echo "unknown preset '$preset': use demo, baseline, gated, window, gate, compare or ablate" >&2
         exit 2
         ;;
 esac

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, dense_attention_mask, find_checkpoint, \
+from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, build_model_mask, find_checkpoint, \
     load_checkpoint
 
 
@@ -54,7 +54,8 @@ def generate(model: GPT, window: int, ids: list, max_new_tokens: int, temperatur
     for _ in range(max_new_tokens):
         context = context[-model.cfg.max_seq_len:]  # the model's rotary tables end at seq_len
         with autocast(device):
-            logits = model.logits(context[None], dense_attention_mask(window, len(context), device))
+            mask = build_model_mask(window, model.cfg.gate, len(context), device, dense=True)
+            logits = model.logits(context[None], mask)
         logits = logits[0, -1, :vocab].float()
         if temperature == 0:
             token = logits.argmax()

@@ -5,6 +5,7 @@
 Tolerances: float32 paths against the float64 reference within 1e-5 (absolute and relative); bf16 on GPU
 within 2e-2. GPU tests skip without CUDA.
 """
+import copy
 import math
 
 import pytest
@@ -201,6 +202,80 @@ def test_attention_module_matches_reference():
     torch.testing.assert_close(out.double(), ref, **FP32)
 
 
+def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
+    """--gate mix against the float64 reference: per head, g * window attention + (1 - g) * full attention."""
+    torch.manual_seed(5)
+    cfg = tg.ModelConfig.from_args(tiny_args(gate="mix"))
+    module = tg.Attention(cfg)
+    torch.nn.init.normal_(module.gate.weight, std=0.5)
+    torch.nn.init.normal_(module.gate.bias)
+    B, T, window = 2, 70, 20
+    x = torch.randn(B, T, cfg.d_model)
+    cos, sin = tg.rotary_tables(cfg.head_dim, T, cfg.rope_base)
+    out = module(x, cos, sin, tg.build_model_mask(window, "mix", T, CPU))
+    m64, x64 = copy.deepcopy(module).double(), x.double()
+    q, k, v = m64.qkv(x64, cos.double(), sin.double())
+    g = torch.sigmoid(x64 @ m64.gate.weight.T + m64.gate.bias)  # B, T, H
+    y = reference_attention(q, k, v, window, g) + reference_attention(q, k, v, 0, 1 - g)
+    ref = m64.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    torch.testing.assert_close(out.double(), ref, **FP32)
+    with torch.no_grad():  # g = 1 everywhere leaves only the window; g = 0 only full attention
+        no_gate = tg.Attention(tg.ModelConfig.from_args(tiny_args(gate="none")))
+        no_gate.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("gate.")})
+        module.gate.weight.zero_()
+        for bias, alone in ((float("inf"), window), (float("-inf"), 0)):
+            module.gate.bias.fill_(bias)
+            mixed = module(x, cos, sin, tg.build_model_mask(window, "mix", T, CPU))
+            torch.testing.assert_close(mixed, no_gate(x, cos, sin, tg.build_attention_mask(alone, T, CPU)), **FP32)
+
+
+# --- probes --------------------------------------------------------------------------------------
+
+
+def uniform_attention_model(gate, window, T=40):
+    """A tiny model whose queries are 0, so every query spreads its attention evenly over the keys it sees;
+    its gates are the constants sigmoid(bias[h])."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=window, seq_len=T)))
+    biases = torch.tensor([-3.0, -1.0, 1.0, 3.0])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_proj.weight.zero_()
+            if block.attn.gate is not None:
+                block.attn.gate.weight.zero_()
+                block.attn.gate.bias.copy_(biases)
+    return model, torch.sigmoid(biases)
+
+
+@pytest.mark.parametrize("gate, window", [("none", 0), ("none", 8), ("head", 8), ("mix", 8)])
+def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(gate, window):
+    T = 40
+    model, g = uniform_attention_model(gate, window, T)
+    idx = torch.randint(0, 50257, (6, T))
+    result = tg.probe(model, idx, window)
+    i = torch.arange(T, dtype=torch.float64)
+    full = 1 / (i + 1)  # full attention: 1/(i + 1) on each key
+    local = 1 / (i + 1).clamp(max=window) if window else full  # the window: 1/(keys it holds) on each
+    sees_first = i < window if window else torch.ones(T, dtype=torch.bool)
+    first, start = local * sees_first, local  # the window's oldest key is always visible
+    if gate == "mix":  # head h: g_h of the window's weights and 1 - g_h of full attention's
+        w = g.double()[:, None]
+        first, start = w * first + (1 - w) * full, w * start + (1 - w) * full
+    first_share, window_share = first.mean().item(), start.mean().item()
+    for layer in range(2):
+        assert result["sinks"]["first_token"][layer] == pytest.approx(first_share, abs=1e-5)
+        assert result["sinks"]["window_start"][layer] == pytest.approx(window_share, abs=1e-5)
+    if gate == "none":
+        assert "gates" not in result
+    else:
+        gates = result["gates"]
+        for layer in range(2):
+            assert gates["mean"][layer] == pytest.approx(g.tolist(), abs=1e-5)
+            assert gates["std"][layer] == pytest.approx([0] * 4, abs=1e-5)
+            assert gates["below_0.1"][layer] == [1.0, 0.0, 0.0, 0.0]  # sigmoid(-3) = 0.047
+            assert gates["above_0.9"][layer] == [0.0, 0.0, 0.0, 1.0]  # sigmoid(3) = 0.953
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -226,6 +301,7 @@ def test_attention_flops_count_visible_pairs():
     dense = tg.attention_flops_per_token(1, 1, 1, 4, 0)  # keys seen: 1 + 2 + 3 + 4
     windowed = tg.attention_flops_per_token(1, 1, 1, 4, 2)  # 1 + 2 + 2 + 2
     assert dense == 12 * 10 / 4 and windowed == 12 * 7 / 4
+    assert tg.attention_flops_per_token(1, 1, 1, 4, 2, "mix") == dense + windowed  # two passes
 
 
 # --- GPU ---------------------------------------------------------------------------------------

@@ -173,6 +173,20 @@ def test_transformers_generate_equals_greedy_sampling(tmp_path):
     assert out[0, prompt.size(1):].tolist() == new
 
 
+def test_mix_model_samples_but_is_not_exported(tmp_path):
+    """sample.py runs both passes of --gate mix (greedy equals the argmax of the model's own logits); export_hf.py
+    refuses it, since Qwen3 has one attention per layer."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="mix")
+    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
+    ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
+    with torch.no_grad():
+        logits = model.logits(ids, tg.build_model_mask(WINDOW, "mix", ids.size(1), CPU))
+    assert new[0] == int(logits[0, -1, :50257].argmax())
+    with pytest.raises(ValueError, match="--gate mix"):
+        export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sampling_repeats_for_a_seed(tmp_path):
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
     runs = [sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "20", "--temperature",

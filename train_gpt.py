@@ -5,7 +5,8 @@ A Qwen3-style decoder (pre-norm RMSNorm, RoPE, grouped-query attention with RMSN
 MLP, tied embeddings, no biases) trained on pre-tokenized GPT-2 shards. Attention is one function with two
 knobs: `--window W` limits each query to itself and the W-1 tokens before it (0 = full causal), and
 `--gate head` multiplies each head's output by g = sigmoid(W_g x + b_g), a learned gate per head and token,
-as in "Dynamic Sparse Attention with Learned Head Gating". On CUDA the masks run through FlexAttention;
+as in "Dynamic Sparse Attention with Learned Head Gating" (`--gate mix` is the paper's other reading: each head
+mixes its windowed and its full causal attention, g * local + (1 - g) * global). On CUDA the masks run through FlexAttention;
 on CPU, where FlexAttention has no backward, the same mask_mod becomes a dense mask for SDPA.
 
     python train_gpt.py --window 256 --gate head                 # one GPU (or the CPU)
@@ -57,7 +58,8 @@ class Hyperparameters:
     mlp_hidden: int = 2048
     rope_base: float = 10000.0
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
-    gate: str = "none"  # "none" or "head": a sigmoid gate per head and token on the attention output
+    gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
+    # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g)
     # optimisation
     seq_len: int = 1024  # tokens per sequence
     batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and accumulation steps
@@ -122,7 +124,7 @@ class ModelConfig:
     mlp_hidden: int
     rope_base: float
     max_seq_len: int
-    gate: str  # "none" or "head"
+    gate: str  # "none", "head" or "mix"
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "ModelConfig":
@@ -155,6 +157,14 @@ def build_attention_mask(window: int, seq_len: int, device: torch.device):
         return create_block_mask(sliding_window_mask(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
                                  device=device)
     return dense_attention_mask(window, seq_len, device)
+
+
+def build_model_mask(window: int, gate: str, seq_len: int, device: torch.device, dense: bool = False):
+    """The `mask` GPT takes: the window's mask, paired with the full causal mask for --gate mix. dense=True
+    gives SDPA's dense masks on any device (for lengths that change from call to call, as when sampling)."""
+    build = dense_attention_mask if dense else build_attention_mask
+    mask = build(window, seq_len, device)
+    return (mask, build(0, seq_len, device)) if gate == "mix" else mask
 
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
@@ -194,21 +204,33 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=True) if cfg.gate == "head" else None
+        self.gate_kind = cfg.gate
+        self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=True) if cfg.gate != "none" else None
 
     def head_gates(self, x):
         """g[b, t, h] = sigmoid(W_g x[b, t] + b_g)[h], in (0, 1)."""
         return torch.sigmoid(self.gate(x))
 
-    def forward(self, x, cos, sin, mask):
+    def qkv(self, x, cos, sin):
+        """Queries (B, H, T, D) and keys, values (B, H_kv, T, D), normalised and rotated."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim))
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)  # B, T, H, D
-        if self.gate is not None:
-            y = y * self.head_gates(x).unsqueeze(-1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if self.gate_kind == "mix":  # mask = (window mask, full causal mask)
+            local, full = (attention(q, k, v, m).transpose(1, 2) for m in mask)
+            g = self.head_gates(x).unsqueeze(-1)
+            y = g * local + (1 - g) * full
+        else:
+            y = attention(q, k, v, mask).transpose(1, 2)  # B, T, H, D
+            if self.gate is not None:
+                y = y * self.head_gates(x).unsqueeze(-1)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -285,11 +307,15 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
-def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int) -> float:
+def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int,
+                              gate: str = "none") -> float:
     """Training FLOPs of QK^T and PV per token, counting only the visible (query, key) pairs:
-    2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward."""
-    keys = [min(i + 1, window) if window > 0 else i + 1 for i in range(seq_len)]
-    return 12 * n_layer * n_head * head_dim * sum(keys) / seq_len
+    2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --gate mix adds its
+    second, full causal pass."""
+    keys = sum(min(i + 1, window) if window > 0 else i + 1 for i in range(seq_len))
+    if gate == "mix":
+        keys += seq_len * (seq_len + 1) // 2
+    return 12 * n_layer * n_head * head_dim * keys / seq_len
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +418,13 @@ class DataLoader:
             self.shard_index += 1
         self.buffer = load_shard(self.files[order[self.shard_index]], self.vocab_size)[skip:]
 
+    def first_batch(self):
+        """This rank's inputs of the stream's first micro-batch; the loader is reset."""
+        self.reset()
+        inputs, _ = self.next_batch()
+        self.reset()
+        return inputs
+
     def _order(self, epoch: int):
         if self.seed is None:
             return np.arange(len(self.files))
@@ -443,6 +476,62 @@ def evaluate(model, loader: DataLoader, steps: int, mask) -> float:
         dist.all_reduce(total)
     model.train()
     return total.item() / (steps * loader.world_size)
+
+
+PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention weights stay small at T = 1024
+
+
+@torch.no_grad()
+def probe(model: GPT, idx, window: int) -> dict:
+    """How the attention of `model` behaves on validation tokens idx (B, T), per layer, in float32:
+    gates (gated models): per head, the mean and standard deviation of g and the fractions under 0.1 and over
+    0.9; sinks: the mean share of attention a query puts on the sequence's first token, and on the first token
+    of its window (the oldest key it sees; the same token under full attention).
+    The weights are recomputed densely from each layer's queries and keys. Under --gate mix they are the
+    mixture g * window + (1 - g) * full that a head's output is made of; a --gate head gate scales the output,
+    not the weights, so there they are the softmax's."""
+    was_training = model.training
+    model.eval()
+    gate, T, device = model.cfg.gate, idx.size(1), idx.device
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    mask = build_model_mask(window, gate, T, device, dense=True)
+    window_mask, full_mask = mask if gate == "mix" else (mask, None)
+    positions = torch.arange(T, device=device)
+    window_start = (positions - window + 1).clamp(min=0) if window > 0 else torch.zeros_like(positions)
+    n_layer = len(model.blocks)
+    gates, first_share, start_share = [[] for _ in range(n_layer)], [0.0] * n_layer, [0.0] * n_layer
+    for chunk in idx.split(PROBE_CHUNK):
+        x = model.embed(chunk)
+        for layer, block in enumerate(model.blocks):
+            h = block.input_norm(x)
+            q, k, _ = block.attn.qkv(h, cos, sin)
+            weights = attention_weights(q, k, window_mask)  # B, H, T, T
+            if gate != "none":
+                g = block.attn.head_gates(h)  # B, T, H
+                gates[layer].append(g.reshape(-1, g.size(-1)))
+                if gate == "mix":
+                    g = g.transpose(1, 2).unsqueeze(-1)
+                    weights = g * weights + (1 - g) * attention_weights(q, k, full_mask)
+            first_share[layer] += weights[..., 0].sum().item()
+            start_share[layer] += weights[:, :, positions, window_start].sum().item()
+            x = block(x, cos, sin, mask)
+    queries = idx.numel() * model.cfg.n_head
+    result = {"sinks": {"first_token": [round(s / queries, 5) for s in first_share],
+                        "window_start": [round(s / queries, 5) for s in start_share]}}
+    if gate != "none":
+        g = [torch.cat(values) for values in gates]  # per layer: (B * T, H)
+        stats = {"mean": lambda v: v.mean(0), "std": lambda v: v.std(0),
+                 "below_0.1": lambda v: (v < 0.1).float().mean(0), "above_0.9": lambda v: (v > 0.9).float().mean(0)}
+        result["gates"] = {name: [[round(x, 5) for x in stat(v).tolist()] for v in g] for name, stat in stats.items()}
+    model.train(was_training)
+    return result
+
+
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 def autocast(device: torch.device):
@@ -625,8 +714,11 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
             problems.append(f"{flag(name)} {getattr(args, name)}: must lie in [0, 1)")
     if problems:  # the checks below divide by these sizes
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
-    if args.gate not in ("none", "head"):
-        problems.append(f"--gate {args.gate!r}: use none or head")
+    if args.gate not in ("none", "head", "mix"):
+        problems.append(f"--gate {args.gate!r}: use none, head or mix")
+    if args.gate == "mix" and not 0 < args.window < args.seq_len:
+        problems.append(f"--gate mix mixes a window with full attention: give it a --window between 1 and "
+                        f"--seq-len {args.seq_len}, not {args.window}")
     if args.window < 0:
         problems.append(f"--window {args.window}: use 0 (full causal) or a positive number of tokens")
     if args.n_head % args.n_kv_head:
@@ -733,12 +825,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     raw_model = GPT(ModelConfig.from_args(args)).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window)
+    flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window,
+                                                                args.gate)
     print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
     model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    mask = build_attention_mask(args.window, T, device)
+    mask = build_model_mask(args.window, args.gate, T, device)
 
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
@@ -780,7 +873,9 @@ def main(argv=None):
         if last_step or (args.val_every > 0 and step % args.val_every == 0):
             val_loss = evaluate(model, val_loader, val_steps, mask)
             print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
-            record(step=step, val_loss=val_loss, train_time_s=train_time)
+            # gate and sink statistics on rank 0's first validation batch; the other ranks wait at the next step
+            probes = probe(raw_model, val_loader.first_batch(), args.window) if master else {}
+            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
         if last_step:
             break
 
