@@ -1,4 +1,4 @@
-"""compare.py's table, on run directories written here by hand (no training).
+"""compare.py's table and plot.py's figures, on run directories written here by hand (no training).
 
     python -m pytest -q test_study.py
 """
@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import compare
+import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,3 +117,72 @@ def test_compare_command_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "compare.py"), study(tmp_path)],
                             capture_output=True, text=True, check=True)
     assert "| gated | 256 | head | 0.001 | 0,1 | 2 | 4.8000 ± 0.1414 |" in result.stdout
+
+
+LAYERS, HEADS = 3, 4
+
+
+def gate_stats(step):
+    """Layer l, head h: mean gate (l + 1) * (h + 1) / 12 * step / 60, so the heatmaps change over training."""
+    mean = [[(l + 1) * (h + 1) / (LAYERS * HEADS) * step / 60 for h in range(HEADS)] for l in range(LAYERS)]
+    return {"mean": mean, "std": [[0.1] * HEADS for _ in range(LAYERS)],
+            "below_0.1": [[0.25 * (h == 0) for h in range(HEADS)] for _ in range(LAYERS)],
+            "above_0.9": [[0.0] * HEADS for _ in range(LAYERS)]}
+
+
+def write_metrics_run(parent, name, window, gate, steps=60, val_every=10):
+    run_dir = os.path.join(parent, name)
+    os.makedirs(run_dir)
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": name, "seed": 0, "lr": 1e-3, "window": window,
+                                                      "gate": gate, "batch_tokens": 2048})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in range(steps + 1):
+            if step % val_every == 0:
+                record = {"step": step, "val_loss": 10 - step / 10, "train_time_s": step / 2,
+                          "sinks": {"first_token": [0.5 - 0.1 * l for l in range(LAYERS)],
+                                    "window_start": [0.3] * LAYERS}}
+                if gate != "none":
+                    record["gates"] = gate_stats(step)
+                f.write(json.dumps(record) + "\n")
+            if step < steps:
+                f.write(json.dumps({"step": step + 1, "train_loss": 10 - step / 10 + 0.2 * (step % 2), "lr": 1e-3,
+                                    "grad_norm": 0.5, "step_ms": 100.0}) + "\n")
+    return run_dir
+
+
+def test_plot_writes_figures_and_gate_table(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    base = write_metrics_run(tmp_path, "baseline", 0, "none")
+    gated = write_metrics_run(tmp_path, "gated", 64, "head")
+    out = tmp_path / "figures"
+    plot.main([base, gated, "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["gates_gated.png", "loss.png", "sinks.png"]
+    for name in os.listdir(out):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400, name
+        assert image[..., :3].std() > 0.05, name  # not a blank canvas
+    # the last evaluation (step 60) of layer 0: means (h + 1) / 12 for h = 0..3, 25% below 0.1 on head 0 only
+    assert "| 0 | 0.208 | 0.083–0.333 | 0.100 | 6.2% | 0.0% |" in capsys.readouterr().out
+
+
+def test_plot_errors_before_importing_matplotlib(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="empty: no metrics.jsonl; is it a run directory"):
+        plot.main([str(empty), "--out", str(tmp_path / "figures")])
+    run_dir = write_metrics_run(tmp_path, "baseline", 0, "none")
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl, line 68: not valid JSON"):
+        plot.main([run_dir, "--out", str(tmp_path / "figures")])
+
+
+def test_plot_never_overwrites(tmp_path):
+    run_dir = write_metrics_run(tmp_path, "baseline", 0, "none")
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "sinks.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit, match="already holds sinks.png; delete them or choose another --out"):
+        plot.main([run_dir, "--out", str(out)])
+    assert (out / "sinks.png").read_bytes() == b"mine" and not (out / "loss.png").exists()
