@@ -1,0 +1,199 @@
+"""Figures of runs, from their metrics.jsonl and config.json; needs matplotlib (pip install matplotlib).
+
+    python plot.py logs/baseline-20261127-120000 logs/gated-20261127-130000 --out figures
+    python plot.py logs/study --out figures        # every run directory inside a directory
+
+Writes into --out (made if missing; files already there are never overwritten):
+- loss.png: train loss (faint: every step; solid: a moving average) and val loss (markers) against tokens,
+  one colour per run, over the whole run and, beside it, over its second half, where the runs differ;
+- gates_<run directory>.png, for each gated run: the mean gate of every layer and head, at up to
+  MAX_GATE_PANELS evaluations evenly spread over training, on one colour scale from 0 to 1;
+- sinks.png: per layer, the share of attention probability on the sequence's first token and on the first
+  token of each query's window, at each run's last evaluation.
+It also prints, for each gated run's last evaluation, a markdown table of its gates per layer.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+MAX_GATE_PANELS = 6  # more heatmaps in one row become too small to read
+
+
+def read_jsonl(file):
+    records = []
+    with open(file) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}, line {number}: not valid JSON ({error})") from None
+    return records
+
+
+def load_run(run_dir):
+    """A run's config, training records and evaluation records (the lines with a val_loss)."""
+    for name in ("metrics.jsonl", "config.json"):
+        if not os.path.exists(os.path.join(run_dir, name)):
+            raise ValueError(f"{run_dir}: no {name}; is it a run directory written by train_gpt.py?")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return {"dir": run_dir, "config": config,
+            "label": f"{config['run_name']} seed {config['seed']} lr {config['lr']:g}",
+            "train": [r for r in records if "train_loss" in r], "evals": [r for r in records if "val_loss" in r]}
+
+
+def load_runs(paths):
+    """Each path is a run directory (it holds metrics.jsonl) or a directory of them."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: no such directory")
+        inside = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(path, "*", "metrics.jsonl")))
+        has_own = os.path.exists(os.path.join(path, "metrics.jsonl"))
+        runs += [load_run(run_dir) for run_dir in ([path] if has_own or not inside else inside)]
+    labels = [run["label"] for run in runs]
+    for run in runs:  # two runs with one name, seed and lr would be told apart only by colour
+        if labels.count(run["label"]) > 1:
+            run["label"] += f" ({os.path.basename(os.path.normpath(run['dir']))})"
+    return runs
+
+
+def gated(run):
+    return [e for e in run["evals"] if "gates" in e]
+
+
+def with_sinks(run):
+    return [e for e in run["evals"] if "sinks" in e]
+
+
+def moving_average(values, width):
+    return np.convolve(values, np.ones(width) / width, mode="valid")
+
+
+def plot_losses(plt, runs, file):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    zoom = []  # (tokens, loss) of every point drawn, to frame the second half
+    for i, run in enumerate(runs):
+        tokens_per_step = run["config"]["batch_tokens"]
+        tokens = np.array([r["step"] for r in run["train"]]) * tokens_per_step
+        loss = np.array([r["train_loss"] for r in run["train"]])
+        width = max(1, len(loss) // 50)  # about 50 independent points along the curve, whatever the run's length
+        eval_tokens = [e["step"] * tokens_per_step for e in run["evals"]]
+        eval_loss = [e["val_loss"] for e in run["evals"]]
+        zoom += list(zip(tokens, loss)) + list(zip(eval_tokens, eval_loss))
+        for ax in axes:
+            ax.plot(tokens, loss, color=f"C{i}", alpha=0.2, linewidth=0.8)
+            if len(loss):  # a run stopped before its first step has none
+                centred = tokens[(width - 1) // 2:len(loss) - width // 2]  # each average sits mid-window
+                ax.plot(centred, moving_average(loss, width), color=f"C{i}", linewidth=1.2)
+            ax.plot(eval_tokens, eval_loss, color=f"C{i}", marker="o", linestyle="--", label=run["label"])
+    late = [loss for t, loss in zoom if t >= max(t for t, _ in zoom) / 2 and np.isfinite(loss)]
+    if late:  # a diverged run's inf or nan would make no frame at all
+        axes[1].set_xlim(left=max(t for t, _ in zoom) / 2)
+        axes[1].set_ylim(min(late) - 0.05, max(late) + 0.05)
+    axes[0].set_title("train loss (solid) and val loss (markers)")
+    axes[1].set_title("the same, second half of training")
+    for ax in axes:
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_gates(plt, run, file):
+    evals = gated(run)
+    picks = sorted(set(np.linspace(0, len(evals) - 1, min(len(evals), MAX_GATE_PANELS)).round().astype(int)))
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks) + 1, 3.5), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, i in zip(axes[0], picks):
+        mean = np.array(evals[i]["gates"]["mean"])  # (layers, heads)
+        image = ax.imshow(mean, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(mean.shape[1]))
+        ax.set_yticks(range(mean.shape[0]))
+        ax.set_title(f"step {evals[i]['step']}")
+        ax.set_xlabel("head")
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate")
+    fig.suptitle(f"{run['label']}: mean gate per layer and head")
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_sinks(plt, runs, file):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True, layout="constrained")
+    for run in runs:
+        last = with_sinks(run)[-1]
+        kind = f"window {run['config']['window']}" if run["config"]["window"] else "full"
+        label = f"{run['label']} ({kind}, gate {run['config']['gate']}, step {last['step']})"
+        for ax, key in zip(axes, ("first_token", "window_start")):
+            ax.plot(last["sinks"][key], marker="o", label=label)
+    axes[0].set_title("share of attention on the sequence's first token")
+    axes[1].set_title("share of attention on the first token of the window")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean attention probability")
+    axes[0].legend(fontsize="small")
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def gate_table(run) -> str:
+    """Per layer at the last evaluation: the gate's mean, its range over heads, and how often it is nearly shut or open."""
+    last = gated(run)[-1]
+    gates = {key: np.array(value) for key, value in last["gates"].items()}  # each (layers, heads)
+    lines = [f"Gates of {run['label']} at step {last['step']} (means over heads; std is over tokens):", "",
+             "| layer | mean | head min–max | std | < 0.1 | > 0.9 |", "| --- | --- | --- | --- | --- | --- |"]
+    for layer, mean in enumerate(gates["mean"]):
+        lines.append(f"| {layer} | {mean.mean():.3f} | {mean.min():.3f}–{mean.max():.3f} | "
+                     f"{gates['std'][layer].mean():.3f} | {100 * gates['below_0.1'][layer].mean():.1f}% | "
+                     f"{100 * gates['above_0.9'][layer].mean():.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    figures = {"loss.png": lambda plt, file: plot_losses(plt, runs, file)}
+    for run in filter(gated, runs):
+        name = os.path.basename(os.path.normpath(run["dir"]))
+        figures[f"gates_{name}.png"] = lambda plt, file, run=run: plot_gates(plt, run, file)
+    sink_runs = list(filter(with_sinks, runs))
+    for run in runs:
+        if not with_sinks(run):  # a run from before train_gpt.py logged them
+            print(f"{run['dir']}: no attention sinks in its evaluations, so it is not in sinks.png", file=sys.stderr)
+    if sink_runs:
+        figures["sinks.png"] = lambda plt, file: plot_sinks(plt, sink_runs, file)
+    existing = [name for name in figures if os.path.exists(os.path.join(args.out, name))]
+    if existing:
+        sys.exit(f"error: --out {args.out} already holds {', '.join(existing)}; delete them or choose another --out")
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed, and none opened
+    import matplotlib.pyplot as plt
+    os.makedirs(args.out, exist_ok=True)
+    for name, draw in figures.items():
+        draw(plt, os.path.join(args.out, name))
+        print(f"wrote {os.path.join(args.out, name)}")
+    for run in filter(gated, runs):
+        print("\n" + gate_table(run))
+
+
+if __name__ == "__main__":
+    main()
