@@ -57,7 +57,7 @@ study() {
             --arms|--seeds|--lrs|--log-dir)
                 [ "$#" -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
                 printf -v "$(tr - _ <<< "${1#--}")" '%s' "$2"; shift 2 ;;
-            --run-name|--seed|--lr|--window|--gate)
+            --run-name|--seed|--window|--gate)
                 echo "$name sets $1 itself for each run: use --arms, --seeds and --lrs" >&2; exit 2 ;;
             *) passed+=("$1"); shift ;;
         esac
@@ -92,8 +92,9 @@ study() {
                 echo "run $((i + 1))/${#runs[@]}: $arm, seed $seed${lr:+, lr $lr}, device $gpu; output in $output"
                 if ! CUDA_VISIBLE_DEVICES="${devices[$gpu]}" torchrun --standalone --nproc_per_node=1 train_gpt.py \
                         "${passed[@]}" "${flags[@]}" > "$output" 2>&1; then
-                    echo "run $arm, seed $seed${lr:+, lr $lr} failed; the end of $output:" >&2
-                    tail -n 5 "$output" >&2
+                    echo "run $arm, seed $seed${lr:+, lr $lr} failed; from $output:" >&2
+                    # the worker's own error, which torchrun's report follows
+                    grep -m 1 -A 3 -E "^error: |^[A-Za-z.]*(Error|Exception)\b" "$output" >&2 || tail -n 5 "$output" >&2
                     exit 1
                 fi
             done

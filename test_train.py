@@ -154,3 +154,63 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_accumulation(tmp_path
     losses = {name: [m.get("train_loss", m.get("val_loss")) for m in metrics] for name, metrics in runs.items()}
     assert len(losses["ddp"]) == 7  # 6 steps and the final evaluation
     np.testing.assert_allclose(losses["ddp"], losses["single"], rtol=1e-5)
+
+
+def run_sh(tmp_path, *args, ngpu="1"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": ngpu}
+    return subprocess.run(["bash", os.path.join(HERE, "run.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def study_flags(tmp_path, *extra):
+    """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory."""
+    flags = tiny_run(tmp_path, "--steps", "2", "--warmup-steps", "1", "--cooldown-steps", "1", "--batch-tokens",
+                     "1024", "--val-tokens", "1024", "--val-every", "0", *extra)
+    at = flags.index("--log-dir")
+    return flags[:at] + flags[at + 2:]
+
+
+def study_summaries(tmp_path):
+    (study,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    runs = [json.loads(f.read_text()) for f in study.glob("*/summary.json")]
+    return study, sorted((r["run_name"], r["seed"]) for r in runs)
+
+
+def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the_table(tmp_path):
+    tiny = study_flags(tmp_path)
+    done = run_sh(tmp_path, "compare", "--seeds", "0,1", "--log-dir", str(tmp_path), *tiny, ngpu="2")
+    assert done.returncode == 0, done.stderr
+    study, runs = study_summaries(tmp_path)
+    assert study.name.startswith("compare-")
+    assert runs == [("baseline", 0), ("baseline", 1), ("gated", 0), ("gated", 1)]
+    table = (study / "table.md").read_text()
+    assert table in done.stdout
+    assert "| baseline | full | none |" in table and "| gated | 256 | head |" in table and "4.6498" in table
+
+
+def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path):
+    tiny = study_flags(tmp_path, "--seq-len", "512")
+    done = run_sh(tmp_path, "ablate", "--arms", "gated-64,mix", "--log-dir", str(tmp_path), *tiny)
+    assert done.returncode == 0, done.stderr
+    study, runs = study_summaries(tmp_path)
+    assert runs == [("gated-64", 0), ("mix", 0)]
+    mix = read_metrics(next(d for d in study.glob("mix-*") if d.is_dir()))[-1]
+    assert len(mix["gates"]["mean"]) == 2 and len(mix["sinks"]["first_token"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "--arms", "gated,nope"], "unknown arm 'nope'"),
+    (["ablate", "--window", "64"], "ablate sets --window itself"),
+    (["compare", "--seeds"], "--seeds needs a value"),
+])
+def test_run_sh_study_refuses_bad_arguments(tmp_path, args, message):
+    done = run_sh(tmp_path, *args, "--log-dir", str(tmp_path)) if args[-1] != "--seeds" else run_sh(tmp_path, *args)
+    assert done.returncode == 2 and message in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):
+    tiny = study_flags(tmp_path)
+    done = run_sh(tmp_path, "compare", "--seeds", "0", "--lrs", "-1", "--log-dir", str(tmp_path), *tiny)
+    assert done.returncode == 1
+    assert "run baseline, seed 0, lr -1 failed" in done.stderr and "--lr -1.0: must be 0 or more" in done.stderr
