@@ -322,6 +322,7 @@ def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
     (["--save-every", "-1"], "--save-every -1: must be 0 or more"),
     (["--keep-checkpoints", "-2"], "--keep-checkpoints -2: must be 0 or more"),
     (["--skip-nonfinite", "-1"], "--skip-nonfinite -1: must be 0 or more"),
+    (["--dist-timeout", "0"], "--dist-timeout 0: must be positive"),
     (["--beta2", "1.0"], r"--beta2 1.0: must lie in \[0, 1\)"),
 ])
 def test_config_checks_name_the_flag(bad, message):

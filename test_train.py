@@ -107,8 +107,9 @@ def make_shards(tmp_path, lengths):
     return files
 
 
-def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path):
-    """Two ranks, in rank order, read exactly the shards end to end in each epoch's seeded order, which is
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path, world_size):
+    """The ranks, in rank order, read exactly the shards end to end in each epoch's seeded order, which is
     also what one process reads: no token twice within an epoch, none skipped, the same for any world size."""
     lengths, seed = [5000, 3000, 700], 1
     files = make_shards(tmp_path, lengths)
@@ -117,15 +118,18 @@ def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path):
     stream = np.concatenate([shards[i] for epoch in range(4)
                              for i in np.random.default_rng((seed, epoch)).permutation(len(files))])
     single = tg.DataLoader(files, 2, 16, 0, 1, 50304, cpu, seed=seed)
-    ranks = [tg.DataLoader(files, 2, 16, r, 2, 50304, cpu, seed=seed) for r in range(2)]
+    ranks = [tg.DataLoader(files, 2, 16, r, world_size, 50304, cpu, seed=seed) for r in range(world_size)]
     read = []
-    for _ in range(3 * sum(lengths) // 64):  # three epochs of 2 ranks x 32 tokens
+    for _ in range(3 * sum(lengths) // (world_size * 32)):  # about three epochs of world_size ranks x 32 tokens
         for loader in ranks:
             inputs, _ = loader.next_batch()
             assert torch.equal(inputs, single.next_batch()[0])
             read.append(inputs.flatten().numpy())
     read = np.concatenate(read)
     assert np.array_equal(read, stream[: len(read)])
+    epoch = sum(lengths)
+    for start in range(0, len(read) - epoch + 1, epoch):  # every token value is distinct within an epoch
+        assert len(np.unique(read[start : start + epoch])) == epoch
 
 
 def test_loader_targets_are_inputs_shifted_by_one(tmp_path):
@@ -141,17 +145,23 @@ def test_loader_refuses_shards_smaller_than_a_batch(tmp_path):
         tg.DataLoader(files, 2, 64, 0, 1, 50304, torch.device("cpu"))
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_with_accumulation(tmp_path):
-    """torchrun with 2 gloo ranks and 1 process with 2 accumulation steps train on the same tokens: same losses."""
+def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_path):
+    """torchrun with 2 gloo ranks and 1 process with 2 accumulation steps train on the same tokens: same losses.
+    Under torchrun only rank 0 prints and writes: one run directory, and stdout is its log, each line once."""
     flags = tiny_run(tmp_path, "--steps", "6", "--val-every", "0", "--window", "32", "--gate", "head")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    stdout = {}
     for name, command in (("ddp", launch), ("single", [sys.executable])):
-        subprocess.run([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
-                       check=True, env=env, capture_output=True, timeout=600)
-    runs = {name: read_metrics(os.path.join(tmp_path, d)) for d in os.listdir(tmp_path)
-            for name in ("ddp", "single") if d.startswith(name)}
-    losses = {name: [m.get("train_loss", m.get("val_loss")) for m in metrics] for name, metrics in runs.items()}
+        stdout[name] = subprocess.run([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
+                                      check=True, env=env, capture_output=True, text=True, timeout=600).stdout
+    run_dirs = {name: [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith(name)]
+                for name in ("ddp", "single")}
+    assert [len(dirs) for dirs in run_dirs.values()] == [1, 1]
+    with open(os.path.join(run_dirs["ddp"][0], "log.txt")) as f:
+        assert stdout["ddp"] == f.read()
+    losses = {name: [m.get("train_loss", m.get("val_loss")) for m in read_metrics(dirs[0])]
+              for name, dirs in run_dirs.items()}
     assert len(losses["ddp"]) == 7  # 6 steps and the final evaluation
     np.testing.assert_allclose(losses["ddp"], losses["single"], rtol=1e-5)
 

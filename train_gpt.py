@@ -18,6 +18,7 @@ with open(__file__) as f:
 
 import argparse
 import dataclasses
+import datetime
 import glob
 import json
 import math
@@ -84,6 +85,11 @@ class Hyperparameters:
     keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
     resume: str = ""  # continue from this checkpoint, or from a run directory's newest one; "" = a new run
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops
+    # distributed: a rank that waits longer than dist_timeout for the others in one collective fails, and so the job
+    # does, rather than a hung or lost rank holding every GPU forever. A healthy run waits longest while one rank
+    # compiles the first steps after another has finished (minutes on a GPU) and while rank 0 writes a checkpoint
+    # (about 1.6 GB for the default model: 800 s even at 2 MB/s); the default leaves room for both
+    dist_timeout: int = 900  # seconds
 
 
 def parse_args(argv=None) -> Hyperparameters:
@@ -557,7 +563,7 @@ CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rn
 # gradient sums changes, so the losses then agree to float rounding, not bit for bit.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch_tokens",
                         "train_files", "val_files", "val_tokens", "val_every", "log_dir", "run_name", "peak_tflops",
-                        "compile", "save_every", "keep_checkpoints", "skip_nonfinite")
+                        "compile", "save_every", "keep_checkpoints", "skip_nonfinite", "dist_timeout")
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -683,18 +689,23 @@ def resume_command(argv: list, checkpoint: str, world_size: int) -> str:
 # Setup and logging
 
 
-def setup_distributed():
-    """(rank, local_rank, world_size, device) from torchrun's variables; one process when RANK is unset."""
+def setup_distributed(timeout_s: int):
+    """(rank, local_rank, world_size, device) from torchrun's variables; one process when RANK is unset.
+
+    A collective that waits longer than timeout_s fails (gloo raises, NCCL's watchdog ends the process), so the
+    rank exits with an error and torchrun stops the others on its node: SIGTERM, which StopSignals only notes,
+    then SIGKILL 30 s later."""
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, local_rank, world_size, device
 
 
@@ -702,7 +713,7 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
     """Checks flags that must agree before any work; returns the gradient accumulation steps."""
     problems = []
     for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "rope_base",
-                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps"):
+                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps", "dist_timeout"):
         if getattr(args, name) <= 0:
             problems.append(f"{flag(name)} {getattr(args, name)}: must be positive")
     for name in ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "val_every", "save_every",
@@ -776,8 +787,9 @@ def environment(device: torch.device, world_size: int) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, local_rank, world_size, device = setup_distributed()
-    grad_accum_steps = check_config(args, world_size)
+    # before the process group starts, which a bad flag (--dist-timeout 0) would break with a less clear error
+    grad_accum_steps = check_config(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
     master = rank == 0
     B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
     train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
