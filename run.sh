@@ -48,6 +48,15 @@ declare -A ARM=(
     [mix]="--window 256 --gate mix"
 )
 
+# wait_for PID: its exit status, also when a trapped signal ends `wait` early (the process still runs then)
+wait_for() {
+    local status
+    while :; do
+        wait "$1" && status=0 || status=$?
+        kill -0 "$1" 2>/dev/null || return "$status"
+    done
+}
+
 # study NAME DEFAULT_ARMS DEFAULT_SEEDS ARGS...: every arm x seed x learning rate, one GPU per run, then a table.
 study() {
     local name="$1" arms="$2" seeds="$3" lrs="" log_dir=logs passed=()
@@ -56,17 +65,35 @@ study() {
         case "$1" in
             --arms|--seeds|--lrs|--log-dir)
                 [ "$#" -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
-                printf -v "$(tr - _ <<< "${1#--}")" '%s' "$2"; shift 2 ;;
+                case "$1" in
+                    --arms) arms="$2" ;;
+                    --seeds) seeds="$2" ;;
+                    --lrs) lrs="$2" ;;
+                    --log-dir) log_dir="$2" ;;
+                esac
+                shift 2 ;;
             --run-name|--seed|--window|--gate)
                 echo "$name sets $1 itself for each run: use --arms, --seeds and --lrs" >&2; exit 2 ;;
             *) passed+=("$1"); shift ;;
         esac
     done
-    local arm seed lr runs=() lr_list=(${lrs//,/ })
+    local arm seed lr runs=() arm_list=(${arms//,/ }) lr_list=(${lrs//,/ })
     [ "${#lr_list[@]}" -gt 0 ] || lr_list=("")  # no --lrs: the flags' learning rate (train_gpt.py's default)
-    for arm in ${arms//,/ }; do
+    for arm in "${arm_list[@]}"; do
         [ -n "${ARM[$arm]:-}" ] || { echo "unknown arm '$arm': use ${!ARM[*]}" >&2; exit 2; }
     done
+    # the GPUs: those CUDA_VISIBLE_DEVICES lists if it is set (set but empty: none, every run on the CPU), else
+    # 0 .. NGPU-1; list one twice to train two runs on it at once
+    local devices=()
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        IFS=',' read -r -a devices <<< "$CUDA_VISIBLE_DEVICES"
+    else
+        devices=($(seq 0 $((NGPU - 1))))
+    fi
+    if [ "${#devices[@]}" -gt 0 ] && [ "$NGPU" -gt "${#devices[@]}" ]; then
+        echo "NGPU=$NGPU runs at once, but CUDA_VISIBLE_DEVICES lists ${#devices[@]} GPU(s); list one for each" >&2
+        exit 2
+    fi
     fetch_fineweb "${passed[@]}"
     local out
     out="$log_dir/$name-$(date +%Y%m%d-%H%M%S)"
@@ -74,38 +101,53 @@ study() {
     mkdir "$out" || { echo "$out exists; start the study again in a second" >&2; exit 1; }
     for lr in "${lr_list[@]}"; do
         for seed in ${seeds//,/ }; do
-            for arm in ${arms//,/ }; do
+            for arm in "${arm_list[@]}"; do
                 runs+=("$arm|$seed|$lr")
             done
         done
     done
-    # run i goes to GPU i mod NGPU (of those CUDA_VISIBLE_DEVICES lists, if set); each GPU takes its runs in turn
-    local gpu devices pids=() failed=0
-    IFS=',' read -r -a devices <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NGPU - 1)))}"
-    for ((gpu = 0; gpu < NGPU; gpu++)); do
+    # NGPU lanes, each working through its runs in turn. Run i goes to lane (i + i / arms) mod NGPU, so no arm keeps
+    # to one GPU (which would bias its speed, or hide a faulty card).
+    local lane pids=() failed=0
+    for ((lane = 0; lane < NGPU; lane++)); do
         (
-            local i
-            for ((i = gpu; i < ${#runs[@]}; i += NGPU)); do
+            local i child="" stopped="" status=0
+            # SIGTERM or SIGINT: the run in progress stops after its step with a checkpoint; the rest are skipped
+            trap 'stopped=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null' TERM INT
+            for ((i = 0; i < ${#runs[@]}; i++)); do
+                (( (i + i / ${#arm_list[@]}) % NGPU == lane )) || continue
                 IFS='|' read -r arm seed lr <<< "${runs[$i]}"
+                local what="$arm, seed $seed${lr:+, lr $lr}" output="$out/$arm-seed$seed${lr:+-lr$lr}.out"
+                if [ -n "$stopped" ] || [ "$status" != 0 ]; then
+                    echo "skipped: $what" >&2
+                    continue
+                fi
                 local flags=(${ARM[$arm]} --run-name "$arm" --seed "$seed" ${lr:+--lr "$lr"} --log-dir "$out")
-                local output="$out/$arm-seed$seed${lr:+-lr$lr}.out"
-                echo "run $((i + 1))/${#runs[@]}: $arm, seed $seed${lr:+, lr $lr}, device $gpu; output in $output"
-                if ! CUDA_VISIBLE_DEVICES="${devices[$gpu]}" torchrun --standalone --nproc_per_node=1 train_gpt.py \
-                        "${passed[@]}" "${flags[@]}" > "$output" 2>&1; then
-                    echo "run $arm, seed $seed${lr:+, lr $lr} failed; from $output:" >&2
+                echo "run $((i + 1))/${#runs[@]}: $what, CUDA_VISIBLE_DEVICES=${devices[$lane]:-}; output in $output"
+                CUDA_VISIBLE_DEVICES="${devices[$lane]:-}" torchrun --standalone --nproc_per_node=1 train_gpt.py \
+                    "${passed[@]}" "${flags[@]}" > "$output" 2>&1 &
+                child=$!
+                wait_for "$child" && status=0 || status=$?
+                child=""
+                if [ "$status" != 0 ]; then
+                    echo "run $what failed; from $output:" >&2
                     # the worker's own error, which torchrun's report follows
                     grep -m 1 -A 3 -E "^error: |^[A-Za-z.]*(Error|Exception)\b" "$output" >&2 || tail -n 5 "$output" >&2
-                    exit 1
                 fi
             done
+            [ -z "$stopped" ] && [ "$status" = 0 ]
         ) &
         pids+=($!)
     done
+    trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
     for pid in "${pids[@]}"; do
-        wait "$pid" || failed=1
+        wait_for "$pid" || failed=1
     done
-    [ "$failed" = 0 ] || { echo "$name: some runs failed (above); the finished ones are in $out" >&2; exit 1; }
-    python3 compare.py --paper --out "$out/table.md" "$out"
+    trap - TERM INT
+    if compgen -G "$out/*/summary.json" > /dev/null; then
+        python3 compare.py --paper --out "$out/table.md" "$out"
+    fi
+    [ "$failed" = 0 ] || { echo "$name: some runs failed or were stopped (above); the finished ones are in $out" >&2; exit 1; }
 }
 
 case "$preset" in

@@ -5,8 +5,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -217,6 +219,38 @@ def test_run_sh_study_refuses_bad_arguments(tmp_path, args, message):
     done = run_sh(tmp_path, *args, "--log-dir", str(tmp_path)) if args[-1] != "--seeds" else run_sh(tmp_path, *args)
     assert done.returncode == 2 and message in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_run_sh_study_needs_a_gpu_for_each_run_at_once(tmp_path):
+    env = {**os.environ, "NGPU": "3", "CUDA_VISIBLE_DEVICES": "0,1"}
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "compare", "--log-dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "NGPU=3 runs at once, but CUDA_VISIBLE_DEVICES lists 2 GPU(s)" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest(tmp_path):
+    flags = study_flags(tmp_path)
+    flags[flags.index("--steps") + 1] = "1000"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1"}
+    study = subprocess.Popen(["bash", os.path.join(HERE, "run.sh"), "compare", "--seeds", "0,1", "--log-dir",
+                              str(tmp_path), *flags, "--cooldown-steps", "1"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list(tmp_path.glob("compare-*/baseline-*/log.txt")) or \
+                "step:2/" not in next(tmp_path.glob("compare-*/baseline-*/log.txt")).read_text():
+            assert time.time() < deadline and study.poll() is None
+            time.sleep(0.5)
+        study.send_signal(signal.SIGTERM)
+        _, stderr = study.communicate(timeout=300)
+    finally:
+        study.kill()
+    assert study.returncode == 1
+    assert "stopped" in stderr and stderr.count("skipped: ") == 3, stderr
+    (run,) = tmp_path.glob("compare-*/baseline-*/")
+    assert list(run.glob("ckpt_step*.pt")) and not (run / "summary.json").exists()
+    assert not list(tmp_path.glob("compare-*/gated-*/"))
 
 
 def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):

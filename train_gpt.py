@@ -88,7 +88,8 @@ class Hyperparameters:
     # distributed: a rank that waits longer than dist_timeout for the others in one collective fails, and so the job
     # does, rather than a hung or lost rank holding every GPU forever. A healthy run waits longest while one rank
     # compiles the first steps after another has finished (minutes on a GPU) and while rank 0 writes a checkpoint
-    # (about 1.6 GB for the default model: 800 s even at 2 MB/s); the default leaves room for both
+    # (weights and AdamW's two moments in float32, 12 bytes a parameter: 1.6 GB for the default model, 800 s even at
+    # 2 MB/s); the default leaves room for both
     dist_timeout: int = 900  # seconds
 
 
@@ -229,8 +230,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        if self.gate_kind == "mix":  # mask = (window mask, full causal mask)
-            local, full = (attention(q, k, v, m).transpose(1, 2) for m in mask)
+        if self.gate_kind == "mix":
+            window_mask, full_mask = mask  # build_model_mask's pair
+            local = attention(q, k, v, window_mask).transpose(1, 2)  # B, T, H, D
+            full = attention(q, k, v, full_mask).transpose(1, 2)
             g = self.head_gates(x).unsqueeze(-1)
             y = g * local + (1 - g) * full
         else:
@@ -311,6 +314,17 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
         logits = self.logits(idx, mask)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def build_model(args: Hyperparameters) -> GPT:
+    """The model of args, with weights drawn from --seed alone. Building the gate draws random numbers (its weights
+    then start at 0), so init_weights draws again from the seed: runs with and without a gate then start from the
+    same values of every other weight."""
+    torch.manual_seed(args.seed)
+    model = GPT(ModelConfig.from_args(args))
+    torch.manual_seed(args.seed)
+    model.init_weights()
+    return model
 
 
 def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int,
@@ -484,6 +498,13 @@ def evaluate(model, loader: DataLoader, steps: int, mask) -> float:
     return total.item() / (steps * loader.world_size)
 
 
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention weights stay small at T = 1024
 
 
@@ -528,16 +549,10 @@ def probe(model: GPT, idx, window: int) -> dict:
         g = [torch.cat(values) for values in gates]  # per layer: (B * T, H)
         stats = {"mean": lambda v: v.mean(0), "std": lambda v: v.std(0),
                  "below_0.1": lambda v: (v < 0.1).float().mean(0), "above_0.9": lambda v: (v > 0.9).float().mean(0)}
-        result["gates"] = {name: [[round(x, 5) for x in stat(v).tolist()] for v in g] for name, stat in stats.items()}
+        result["gates"] = {name: [[round(value, 5) for value in stat(layer).tolist()] for layer in g]
+                           for name, stat in stats.items()}
     model.train(was_training)
     return result
-
-
-def attention_weights(q, k, mask):
-    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 def autocast(device: torch.device):
@@ -834,8 +849,7 @@ def main(argv=None):
             json.dump(env, f, indent=2)
     print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
 
-    torch.manual_seed(args.seed)
-    raw_model = GPT(ModelConfig.from_args(args)).to(device)
+    raw_model = build_model(args).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window,
                                                                 args.gate)
