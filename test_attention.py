@@ -280,13 +280,17 @@ def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(ga
 
 
 def test_one_seed_gives_every_arm_the_same_weights_but_the_gate():
-    models = {gate: tg.build_model(tiny_args(gate=gate, window=8, seed=3)).state_dict() for gate in ("none", "head", "mix")}
+    def model(seed, **overrides):
+        torch.manual_seed(seed)
+        return tg.GPT(tg.ModelConfig.from_args(tiny_args(**overrides))).state_dict()
+
+    models = {gate: model(3, gate=gate, window=8) for gate in ("none", "head", "mix")}
     for gate in ("head", "mix"):
         assert {k for k in models[gate] if k not in models["none"]} == {f"blocks.{i}.attn.gate.{p}" for i in range(2)
                                                                        for p in ("weight", "bias")}
         for name, value in models["none"].items():
             assert torch.equal(models[gate][name], value), (gate, name)
-    other_seed = tg.build_model(tiny_args(seed=4)).state_dict()
+    other_seed = model(4)
     assert not torch.equal(other_seed["embed.weight"], models["none"]["embed.weight"])
 
 

@@ -270,6 +270,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # init_weights draws from the random state as it is now, not as building the modules left it (the gate's
+        # Linear draws too), so one seed gives models with and without a gate the same values of every other weight
+        rng_state = torch.get_rng_state()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -277,6 +280,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        torch.set_rng_state(rng_state)
         self.init_weights()
 
     @torch.no_grad()
@@ -314,17 +318,6 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
         logits = self.logits(idx, mask)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-
-
-def build_model(args: Hyperparameters) -> GPT:
-    """The model of args, with weights drawn from --seed alone. Building the gate draws random numbers (its weights
-    then start at 0), so init_weights draws again from the seed: runs with and without a gate then start from the
-    same values of every other weight."""
-    torch.manual_seed(args.seed)
-    model = GPT(ModelConfig.from_args(args))
-    torch.manual_seed(args.seed)
-    model.init_weights()
-    return model
 
 
 def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int,
@@ -849,7 +842,8 @@ def main(argv=None):
             json.dump(env, f, indent=2)
     print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
 
-    raw_model = build_model(args).to(device)
+    torch.manual_seed(args.seed)
+    raw_model = GPT(ModelConfig.from_args(args)).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window,
                                                                 args.gate)
@@ -889,6 +883,8 @@ def main(argv=None):
             dist.barrier()
         return path
 
+    # gate and sink statistics at each evaluation, on rank 0's first validation micro-batch, read once
+    probe_inputs = val_loader.first_batch() if master else None
     # the first steps compile; they stay out of step time and tokens/s
     timing_skip = start_step + min(5, args.steps - start_step - 1)
     timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
@@ -899,8 +895,7 @@ def main(argv=None):
         if last_step or (args.val_every > 0 and step % args.val_every == 0):
             val_loss = evaluate(model, val_loader, val_steps, mask)
             print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
-            # gate and sink statistics on rank 0's first validation batch; the other ranks wait at the next step
-            probes = probe(raw_model, val_loader.first_batch(), args.window) if master else {}
+            probes = probe(raw_model, probe_inputs, args.window) if master else {}  # the other ranks wait at the next step
             record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
         if last_step:
             break
