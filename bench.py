@@ -2,7 +2,7 @@
 
     python bench.py                                  # both tables
     python bench.py --tables attention --seq-lens 8192
-    python bench.py --tables step --seq-lens 1024 --profile gated    # plus the top kernels of one step
+    python bench.py --tables step --seq-lens 1024 --profile gated    # plus one step's GPU time by kernel kind
 
 Every variant runs in this one process, after a warm-up, and reports the median of many timed runs
 (CUDA events). Attention: forward + backward in bf16 of 12 query heads of 128 and 4 key/value heads, with
@@ -191,11 +191,33 @@ def step_table(seq_lens, tokens: int, peak_tflops: float, profile: str, device):
     print("\n".join(rows))
 
 
+def kernel_kind(name: str) -> str:
+    """The part of a step a CUDA kernel belongs to, from its name."""
+    name = name.lower()
+    if "flex" in name or "triton_tem" in name:
+        return "attention"
+    if any(s in name for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas")):
+        return "matrix products"
+    if "adam" in name or "multi_tensor" in name:
+        return "optimizer"
+    if name.startswith("triton_"):
+        return "elementwise and reductions"
+    return "other"
+
+
 def print_profile(step):
+    """GPU time of one step by kernel kind, then the top kernels."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    by_kind = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0) + e.device_time_total / 1000
+    print(f"GPU time {sum(by_kind.values()):.1f} ms: "
+          + ", ".join(f"{kind} {ms:.1f}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for e in kernels[:40]:
+        print(f"{e.device_time_total / 1000:8.2f} ms {e.count:4d}x  {kernel_kind(e.key)[:12]:12s} {e.key[:100]}")
 
 
 def main():
@@ -206,7 +228,7 @@ def main():
                                                          "1024,4096,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
-    parser.add_argument("--profile", default="", help="print the top kernels of one step of this preset")
+    parser.add_argument("--profile", default="", help="print one step of this preset's GPU time by kernel kind, and its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py needs a CUDA GPU")

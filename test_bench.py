@@ -1,0 +1,22 @@
+"""bench.py's CPU-testable part: which kind of work a profiled CUDA kernel is (its timings need a GPU)."""
+import pytest
+
+import bench
+
+
+@pytest.mark.parametrize("name, kind", [  # kernel names from a profiled gated step (H200, torch 2.11)
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matrix products"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_32x3_nn_align2>(cutlass_80_tensorop_bf1",
+     "matrix products"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, false, float, __nv",
+     "matrix products"),
+    ("triton_tem_fused_flex_attention_backward_mul_sigmoid_transpose_unsqueeze_view_11", "attention"),
+    ("triton_per_fused__to_copy_flex_attention_backward_mul_sigmoid_sigmoid_backward_squeeze_sum_transpose", "attention"),
+    ("triton_red_fused__log_softmax__to_copy__unsafe_view_prepare_softmax_online_view_19", "elementwise and reductions"),
+    ("triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_4", "elementwise and reductions"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::FusedOpti",
+     "optimizer"),
+    ("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, at::native::func_wrapper_t<float", "other"),
+])
+def test_kernel_kind(name, kind):
+    assert bench.kernel_kind(name) == kind
