@@ -109,7 +109,7 @@ def make_shards(tmp_path, lengths):
     return files
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path, world_size):
     """The ranks, in rank order, read exactly the shards end to end in each epoch's seeded order, which is
     also what one process reads: no token twice within an epoch, none skipped, the same for any world size."""
