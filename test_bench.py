@@ -12,6 +12,7 @@ import bench
      "matrix products"),
     ("triton_tem_fused_flex_attention_backward_mul_sigmoid_transpose_unsqueeze_view_11", "attention"),
     ("triton_per_fused__to_copy_flex_attention_backward_mul_sigmoid_sigmoid_backward_squeeze_sum_transpose", "attention"),
+    ("triton_tem_fused_mm_0", "matrix products"),  # inductor's own matrix product, as under max-autotune
     ("triton_red_fused__log_softmax__to_copy__unsafe_view_prepare_softmax_online_view_19", "elementwise and reductions"),
     ("triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_4", "elementwise and reductions"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::FusedOpti",
