@@ -229,7 +229,8 @@ def main():
                                                          "1024,4096,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
-    parser.add_argument("--profile", default="", help="print one step of this preset's GPU time by kernel kind, and its top kernels")
+    parser.add_argument("--profile", default="",
+                        help="print one step of this preset's GPU time by kernel kind, and its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py needs a CUDA GPU")
