@@ -164,11 +164,8 @@ def write_gpt2_tokenizer(out_dir: str, max_length: int):
 
 def export(checkpoint_path: str, out_dir: str) -> dict:
     """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir; returns the config."""
-    if not os.path.exists(checkpoint_path):  # find_checkpoint's own message speaks of --resume
-        raise ValueError(f"{checkpoint_path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or a run "
-                         f"directory")
-    path = find_checkpoint(checkpoint_path)
-    checkpoint = load_checkpoint(path)
+    path = find_checkpoint(checkpoint_path, "checkpoint")
+    checkpoint = load_checkpoint(path, "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
     if args.gate == "mix":
         raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "

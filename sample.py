@@ -32,10 +32,7 @@ def gpt2_encoding():
 
 def load_model(checkpoint_path: str, device: torch.device):
     """The checkpoint's model in eval mode, and its window."""
-    if not os.path.exists(checkpoint_path):  # find_checkpoint's own message speaks of --resume
-        raise ValueError(f"{checkpoint_path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or a run "
-                         f"directory")
-    checkpoint = load_checkpoint(find_checkpoint(checkpoint_path))
+    checkpoint = load_checkpoint(find_checkpoint(checkpoint_path, "checkpoint"), "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
     model = GPT(ModelConfig.from_args(args))
     model.load_state_dict(checkpoint["model"])

@@ -209,3 +209,6 @@ def test_command_lines(tmp_path):
     for main in (sample.main, lambda argv: export_hf.main([*argv, str(tmp_path / "out")])):
         with pytest.raises(ValueError, match="none: no such file or directory"):
             main([str(tmp_path / "none")])
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match="^checkpoint .*empty: the directory holds no checkpoint"):
+            main([str(tmp_path / "empty")])

@@ -598,28 +598,28 @@ def write_checkpoint(path: str, state: dict, keep: int):
             os.remove(old)
 
 
-def find_checkpoint(path: str) -> str:
-    """--resume's checkpoint: the file itself, or a run directory's newest checkpoint."""
+def find_checkpoint(path: str, argument: str = "--resume") -> str:
+    """The checkpoint `argument` names: the file itself, or a run directory's newest checkpoint."""
     if os.path.isdir(path):
         found = run_checkpoints(path)
         if not found:
-            raise ValueError(f"--resume {path}: the directory holds no checkpoint (ckpt_step*.pt); pass a run "
+            raise ValueError(f"{argument} {path}: the directory holds no checkpoint (ckpt_step*.pt); pass a run "
                              f"directory that has one, or a checkpoint file")
         return found[-1]
     if not os.path.isfile(path):
-        raise ValueError(f"--resume {path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or the "
+        raise ValueError(f"{argument} {path}: no such file or directory; pass a checkpoint (ckpt_step*.pt) or the "
                          f"run directory that holds it")
     return path
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, argument: str = "--resume") -> dict:
     """Loads to the CPU: RNG states must be CPU tensors, and load_state_dict copies the rest to the model's device."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file fails in the zip reader, the unpickler or with EOF
-        raise ValueError(f"--resume {path}: not a readable checkpoint ({error}); pass an earlier one") from error
+        raise ValueError(f"{argument} {path}: not a readable checkpoint ({error}); pass an earlier one") from error
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise ValueError(f"--resume {path}: not a checkpoint written by train_gpt.py; pass a ckpt_step*.pt file")
+        raise ValueError(f"{argument} {path}: not a checkpoint written by train_gpt.py; pass a ckpt_step*.pt file")
     return checkpoint
 
 
