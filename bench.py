@@ -158,10 +158,7 @@ def build_step(args: tg.Hyperparameters, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    flops = 6 * n_params + tg.attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, args.seq_len,
-                                                        args.window)
-    return step, flops
+    return step, tg.training_flops_per_token(args, sum(p.numel() for p in raw_model.parameters()))
 
 
 def step_table(seq_lens, tokens: int, peak_tflops: float, profile: str, device):

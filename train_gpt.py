@@ -331,6 +331,12 @@ def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len:
     return 12 * n_layer * n_head * head_dim * keys / seq_len
 
 
+def training_flops_per_token(args: Hyperparameters, n_params: int) -> float:
+    """MFU's FLOPs per token: 6 per parameter (forward + backward) plus the attention FLOPs done."""
+    return 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, args.seq_len, args.window,
+                                                    args.gate)
+
+
 # -----------------------------------------------------------------------------
 # Data
 # Shard format, written by data/fineweb.py's write_shard and read here: a header of HEADER_INTS int32
@@ -845,8 +851,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     raw_model = GPT(ModelConfig.from_args(args)).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_token = 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, T, args.window,
-                                                                args.gate)
+    flops_per_token = training_flops_per_token(args, n_params)
     print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
     model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
     if world_size > 1:
