@@ -36,7 +36,7 @@ fetch_fineweb() {
     python3 data/fineweb.py
 }
 
-# Arms of the compare and ablate studies: name, then its attention flags.
+# The single-run presets and the arms of the compare and ablate studies: name, then its attention flags.
 declare -A ARM=(
     [baseline]="--window 0 --gate none"
     [gated]="--window 256 --gate head"
@@ -151,10 +151,7 @@ study() {
 }
 
 case "$preset" in
-    baseline) fetch_fineweb "$@"; train --window 0 --gate none --run-name baseline "$@" ;;
-    gated)    fetch_fineweb "$@"; train --window 256 --gate head --run-name gated "$@" ;;
-    window)   fetch_fineweb "$@"; train --window 256 --gate none --run-name window "$@" ;;
-    gate)     fetch_fineweb "$@"; train --window 0 --gate head --run-name gate "$@" ;;
+    baseline|gated|window|gate) fetch_fineweb "$@"; train ${ARM[$preset]} --run-name "$preset" "$@" ;;
     demo)
         NGPU=1
         # On the CPU, glibc hands each step's ~400 MB of logits back to the OS and page-faults them in again

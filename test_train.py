@@ -188,6 +188,16 @@ def study_summaries(tmp_path):
     return study, sorted((r["run_name"], r["seed"]) for r in runs)
 
 
+@pytest.mark.parametrize("preset, window, gate", [("baseline", 0, "none"), ("gated", 256, "head"),
+                                                  ("window", 256, "none"), ("gate", 0, "head")])
+def test_run_sh_single_run_presets_train_their_attention(tmp_path, preset, window, gate):
+    done = run_sh(tmp_path, preset, *study_flags(tmp_path), "--log-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = tmp_path.glob(f"{preset}-*")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["run_name"], config["window"], config["gate"]) == (preset, window, gate)
+
+
 def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the_table(tmp_path):
     tiny = study_flags(tmp_path)
     done = run_sh(tmp_path, "compare", "--seeds", "0,1", "--log-dir", str(tmp_path), *tiny, ngpu="2")
