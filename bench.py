@@ -1,13 +1,14 @@
-"""Speed on one GPU: attention alone, and whole training steps of the default model.
+"""Speed on one GPU: attention alone, the loss alone, and whole training steps of the default model.
 
-    python bench.py                                  # both tables
+    python bench.py                                  # the attention, loss and step tables
     python bench.py --tables attention --seq-lens 8192
     python bench.py --tables step --seq-lens 1024 --profile gated    # plus one step's GPU time by kernel kind
 
 Every variant runs in this one process, after a warm-up, and reports the median of many timed runs
 (CUDA events). Attention: forward + backward in bf16 of 12 query heads of 128 and 4 key/value heads, with
-batch x length fixed at --tokens. Steps: one compiled forward + backward + AdamW step of the default
-~134M model on --tokens tokens, as train_gpt.py runs it.
+batch x length fixed at --tokens. Loss: forward + backward of the tied output layer and cross-entropy on --tokens
+tokens. Steps: one compiled forward + backward + AdamW step of the default ~134M model on --tokens tokens, as
+train_gpt.py runs it, on each attention backend (--backends; fa4 rows need flash-attn-4).
 """
 import argparse
 import statistics
@@ -37,42 +38,49 @@ def median_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def attention_variants(T: int, device):
+def window_rule(window: int):
+    return tg.sliding_window_mask(tg.ModelConfig(window=window))
+
+
+def attention_variants(T: int, backends, device):
     """name -> function of (q, k, v, x) returning the attention output (B, H, T, D)."""
     untuned_flex = torch.compile(flex_attention, dynamic=False)
-    window_block_mask = create_block_mask(tg.sliding_window_mask(WINDOW), None, None, T, T, device=device)
-    causal_mask = tg.build_attention_mask(0, T, device)
-    window_mask = tg.build_attention_mask(WINDOW, T, device)
+    window_block_mask = create_block_mask(window_rule(WINDOW), None, None, T, T, device=device)
     gate = torch.nn.Linear(D_MODEL, N_HEAD, device=device, dtype=torch.bfloat16)
 
     def sdpa_flash(q, k, v, x):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def gated(q, k, v, x):
-        g = torch.sigmoid(gate(x)).transpose(1, 2).unsqueeze(-1)  # B, H, T, 1
-        return tg.attention(q, k, v, window_mask) * g
+    def ours(backend, window, gated=False):
+        mask = tg.build_mask(window_rule(window), T, device, backend)
+        if not gated:
+            return lambda q, k, v, x: tg.attention(q, k, v, mask)
+        return lambda q, k, v, x: tg.attention(q, k, v, mask) * torch.sigmoid(gate(x)).transpose(1, 2).unsqueeze(-1)
 
-    return {
-        "SDPA flash, causal": sdpa_flash,
-        "ours, causal (baseline)": lambda q, k, v, x: tg.attention(q, k, v, causal_mask),
-        f"ours, window {WINDOW}": lambda q, k, v, x: tg.attention(q, k, v, window_mask),
-        f"ours, window {WINDOW} + gate": gated,
-        f"untuned flex, window {WINDOW}": lambda q, k, v, x: untuned_flex(q, k, v, block_mask=window_block_mask,
-                                                                         enable_gqa=True),
-    }
+    variants = {"SDPA flash, causal": sdpa_flash}
+    for backend in backends:
+        variants[f"{backend}, causal (baseline)"] = ours(backend, 0)
+        variants[f"{backend}, window {WINDOW}"] = ours(backend, WINDOW)
+        variants[f"{backend}, window {WINDOW} + gate"] = ours(backend, WINDOW, gated=True)
+    variants[f"untuned flex, window {WINDOW}"] = lambda q, k, v, x: untuned_flex(q, k, v, block_mask=window_block_mask,
+                                                                                enable_gqa=True)
+    variants[f"flex FLASH backend, window {WINDOW}"] = lambda q, k, v, x: untuned_flex(
+        q, k, v, block_mask=window_block_mask, enable_gqa=True, kernel_options={"BACKEND": "FLASH"})
+    return variants
 
 
-def attention_table(seq_lens, tokens: int, device):
+def attention_table(seq_lens, tokens: int, backends, device):
     rows = []
     for T in seq_lens:
         B = tokens // T
-        make = lambda h: torch.randn(B, h, T, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
+        # (B, H, T, D) views of (B, T, H, D) tensors, as Attention.qkv makes them
+        make = lambda h: torch.randn(B, T, h, HEAD_DIM, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
         q, k, v = make(N_HEAD), make(N_KV_HEAD), make(N_KV_HEAD)
         x = torch.randn(B, T, D_MODEL, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(B, N_HEAD, T, HEAD_DIM, device=device, dtype=torch.bfloat16)
         times = {}
-        for name, fn in attention_variants(T, device).items():
+        for name, fn in attention_variants(T, backends, device).items():
             def step():
                 fn(q, k, v, x).backward(grad)
                 q.grad = k.grad = v.grad = x.grad = None
@@ -117,12 +125,11 @@ def flex_sweep(seq_lens, tokens: int, device):
         q, k, v = make(N_HEAD), make(N_KV_HEAD), make(N_KV_HEAD)
         grad = torch.randn_like(q)
         with torch.no_grad():  # a fast configuration is only worth having if it computes the same thing
-            dense = tg.build_attention_mask(WINDOW, T, torch.device("cpu")).to(device)
+            dense = tg.build_mask(window_rule(WINDOW), T, device, "sdpa")
             reference = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=dense,
                                                        enable_gqa=True)
         for name, (block, options) in FLEX_CONFIGS.items():
-            mask = create_block_mask(tg.sliding_window_mask(WINDOW), None, None, T, T, device=device,
-                                     BLOCK_SIZE=block)
+            mask = create_block_mask(window_rule(WINDOW), None, None, T, T, device=device, BLOCK_SIZE=block)
 
             def step():
                 compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options).backward(grad)
@@ -137,61 +144,114 @@ def flex_sweep(seq_lens, tokens: int, device):
                 print(f"| {T} | {name} | error: {type(error).__name__}: {str(error).splitlines()[0][:120]} | |")
 
 
+def loss_variants():
+    """name -> function of (x, weight, targets) returning the mean cross-entropy of x @ weight^T."""
+    def plain(x, weight, targets):
+        return F.cross_entropy(F.linear(x, weight).float(), targets)
+
+    variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain),
+                "ours: chunked linear cross-entropy, compiled": torch.compile(tg.linear_cross_entropy)}
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: liger(weight, x, targets)
+    except ImportError as error:
+        print(f"liger-kernel: not installed ({error})")
+    return variants
+
+
+def loss_table(tokens: int, device):
+    """The output layer and the loss on the final hidden states, as GPT.forward computes them under autocast."""
+    x = torch.randn(tokens, D_MODEL, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(50304, D_MODEL, device=device)).requires_grad_()
+    targets = torch.randint(0, 50257, (tokens,), device=device)
+    rows, reference = [], None
+    for name, fn in loss_variants().items():
+        def step():
+            with tg.autocast(device):
+                loss = fn(x.to(torch.bfloat16) if "liger" in name else x,
+                          weight.to(torch.bfloat16) if "liger" in name else weight, targets)
+            loss.backward()
+            return loss
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            loss = step()
+            grads = (x.grad.float().clone(), weight.grad.float().clone())
+            x.grad = weight.grad = None
+            ms = median_ms(lambda: (step(), setattr(x, "grad", None), setattr(weight, "grad", None)), 3, 15)
+            memory = torch.cuda.max_memory_allocated(device) / 1e9
+        except Exception as error:
+            print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            continue
+        if reference is None:
+            reference = (loss.item(), grads)
+        errors = [((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference[1])]
+        rows.append(f"| {name} | {ms:.2f} | {memory:.1f} | {loss.item() - reference[0]:+.1e} | "
+                    f"{errors[0]:.1e} / {errors[1]:.1e} |")
+    print(f"\nOutput layer + cross-entropy, forward + backward, {tokens:,} tokens x 50,304 classes")
+    print("| variant | ms (median) | peak memory (GB) | loss - plain | gradient error vs plain (x / weight) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=WINDOW, gate="head"),
                  "window": dict(window=WINDOW, gate="none")}
 
 
-def build_step(args: tg.Hyperparameters, device):
+def build_step(args: tg.Hyperparameters, backend: str, device):
     """One training step as train_gpt.py's loop runs it, with one micro-step."""
     raw_model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
     model = torch.compile(raw_model, dynamic=False)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    mask = tg.build_attention_mask(args.window, args.seq_len, device)
+    masks = raw_model.masks(args.seq_len, device, backend)
     B = args.micro_batch_tokens // args.seq_len
     inputs, targets = torch.randint(0, 50257, (2, B, args.seq_len), device=device)
 
     def step():
         with tg.autocast(device):
-            loss = model(inputs, targets, mask)
+            loss = model(inputs, targets, masks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, tg.training_flops_per_token(args, sum(p.numel() for p in raw_model.parameters()))
+    return step, tg.training_flops_per_token(raw_model.cfg, sum(p.numel() for p in raw_model.parameters()))
 
 
-def step_table(seq_lens, tokens: int, peak_tflops: float, profile: str, device):
+def step_table(seq_lens, tokens: int, backends, presets, peak_tflops: float, profile: str, device):
     rows = []
     for T in seq_lens:
-        for name, variant in STEP_VARIANTS.items():
-            args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, **variant)
-            step, flops = build_step(args, device)
-            torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - start
-            ms = median_ms(step, warmup=3, reps=15)
-            tokens_per_s = tokens / (ms / 1000)
-            mfu = flops * tokens_per_s / (peak_tflops * 1e12)
-            memory = torch.cuda.max_memory_allocated(device) / 1e9
-            rows.append(f"| {T} | {name} | {ms:.1f} | {tokens_per_s:,.0f} | {100 * mfu:.1f}% | {memory:.1f} |")
-            print(f"T={T} {name}: {ms:.1f} ms/step (first step, compiling, {compile_s:.0f} s)", flush=True)
-            if name == profile:
-                print_profile(step)
-            del step
-            torch.cuda.empty_cache()
+        for backend in backends:
+            for name in presets:
+                args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, **STEP_VARIANTS[name])
+                step, flops = build_step(args, backend, device)
+                torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - start
+                ms = median_ms(step, warmup=3, reps=15)
+                tokens_per_s = tokens / (ms / 1000)
+                mfu = flops * tokens_per_s / (peak_tflops * 1e12)
+                memory = torch.cuda.max_memory_allocated(device) / 1e9
+                rows.append(f"| {T} | {backend} | {name} | {ms:.1f} | {tokens_per_s:,.0f} | {100 * mfu:.1f}% | "
+                            f"{memory:.1f} |")
+                print(f"T={T} {backend} {name}: {ms:.1f} ms/step (first step, compiling, {compile_s:.0f} s)",
+                      flush=True)
+                if f"{backend}:{name}" == profile:
+                    print_profile(step)
+                del step
+                torch.cuda.empty_cache()
     print(f"\nTraining step of the default model (compiled, AdamW), {tokens:,} tokens per step, "
           f"MFU over {peak_tflops:.0f} TFLOP/s")
-    print("| seq len | preset | ms/step | tokens/s | MFU | peak memory (GB) |\n|---|---|---|---|---|---|")
+    print("| seq len | attention | preset | ms/step | tokens/s | MFU | peak memory (GB) |\n|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
 def kernel_kind(name: str) -> str:
     """The part of a step a CUDA kernel belongs to, from its name."""
     name = name.lower()
-    if "flex" in name:
+    if "flex" in name or "flash" in name:  # FlexAttention's Triton kernels; FlashAttention-4's CuTe ones
         return "attention"
     # triton_tem: inductor's other Triton templates are matrix products (under mode="max-autotune")
     if any(s in name for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) or name.startswith("triton_tem"):
@@ -221,25 +281,35 @@ def print_profile(step):
 def main():
     torch._dynamo.config.recompile_limit = 64  # one compiled flex_attention serves every shape and option here
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tables", default="attention,step", help="attention, step, sweep (flex options for the window kernel), comma-separated")
+    parser.add_argument("--tables", default="attention,loss,step",
+                        help="attention, loss, step, sweep (flex options for the window kernel), comma-separated")
     parser.add_argument("--seq-lens", default=None, help="comma-separated; default 1024..16384 for attention, "
-                                                         "1024,4096,16384 for steps")
+                                                         "1024,4096,8192,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
+    parser.add_argument("--backends", default="flex,fa4", help="attention backends to time, comma-separated")
+    parser.add_argument("--presets", default="baseline,window,gated", help="step table rows, comma-separated")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
     parser.add_argument("--profile", default="",
-                        help="print one step of this preset's GPU time by kernel kind, and its top kernels")
+                        help="BACKEND:PRESET (e.g. fa4:gated): print one step's GPU time by kernel kind, and its "
+                             "top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py needs a CUDA GPU")
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    backends = args.backends.split(",")
+    for backend in backends:  # a backend that cannot run here stops the benchmark before any timing
+        tg.choose_attention_backend(backend, tg.ModelConfig(), device)
     seq_lens = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else None
     if "attention" in args.tables:
-        attention_table(seq_lens or [1024, 2048, 4096, 8192, 16384], args.tokens, device)
+        attention_table(seq_lens or [1024, 2048, 4096, 8192, 16384], args.tokens, backends, device)
     if "sweep" in args.tables:
         flex_sweep(seq_lens or [8192], args.tokens, device)
+    if "loss" in args.tables:
+        loss_table(args.tokens, device)
     if "step" in args.tables:
-        step_table(seq_lens or [1024, 4096, 16384], args.tokens, args.peak_tflops, args.profile, device)
+        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","),
+                   args.peak_tflops, args.profile, device)
 
 
 if __name__ == "__main__":

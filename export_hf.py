@@ -56,8 +56,9 @@ def hf_state_dict(state: dict, n_layer: int) -> dict:
     return {names[name]: tensor for name, tensor in state.items()}
 
 
-def hf_config(cfg: ModelConfig, window: int) -> dict:
+def hf_config(cfg: ModelConfig) -> dict:
     """Qwen3Config fields (transformers 5.x) for a train_gpt.py model."""
+    window = cfg.window
     config = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -69,7 +70,7 @@ def hf_config(cfg: ModelConfig, window: int) -> dict:
         "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,  # Qwen3's attention scales by head_dim ** -0.5, as SDPA does for us
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,  # the training length; rotary itself has no limit
+        "max_position_embeddings": cfg.seq_len,  # the training length; rotary itself has no limit
         "rms_norm_eps": 1e-6,  # nn.RMSNorm's eps in train_gpt.py
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
         "attention_bias": False,
@@ -171,14 +172,14 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
         raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "
                          f"place for; export a none or head model")
     cfg = ModelConfig.from_args(args)
-    config = hf_config(cfg, args.window)
+    config = hf_config(cfg)
     tensors = hf_state_dict(checkpoint["model"], cfg.n_layer)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
                       {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
-    write_gpt2_tokenizer(out_dir, cfg.max_seq_len)
+    write_gpt2_tokenizer(out_dir, cfg.seq_len)
     attention = f"sliding window {args.window}" if args.window > 0 else "full causal"
     print(f"exported {path} (step {checkpoint['step']}, {attention}, gate {args.gate}) to {out_dir}")
     if cfg.gate == "head":

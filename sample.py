@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, build_model_mask, find_checkpoint, \
-    load_checkpoint
+from train_gpt import BOS_ID, GPT, Hyperparameters, ModelConfig, autocast, find_checkpoint, load_checkpoint
 
 
 def gpt2_encoding():
@@ -31,16 +30,16 @@ def gpt2_encoding():
 
 
 def load_model(checkpoint_path: str, device: torch.device):
-    """The checkpoint's model in eval mode, and its window."""
+    """The checkpoint's model in eval mode."""
     checkpoint = load_checkpoint(find_checkpoint(checkpoint_path, "checkpoint"), "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
     model = GPT(ModelConfig.from_args(args))
     model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), args.window
+    return model.to(device).eval()
 
 
 @torch.no_grad()
-def generate(model: GPT, window: int, ids: list, max_new_tokens: int, temperature: float, top_k: int,
+def generate(model: GPT, ids: list, max_new_tokens: int, temperature: float, top_k: int,
              vocab: int, generator: torch.Generator) -> list:
     """The ids of max_new_tokens tokens after ids. Greedy for temperature 0, else sampled from
     softmax(logits / temperature) over the top_k most likely (all when top_k is 0). Only ids < vocab (the
@@ -49,10 +48,9 @@ def generate(model: GPT, window: int, ids: list, max_new_tokens: int, temperatur
     context = torch.tensor(ids, dtype=torch.long, device=device)
     new = []
     for _ in range(max_new_tokens):
-        context = context[-model.cfg.max_seq_len:]  # the model's rotary tables end at seq_len
-        with autocast(device):
-            mask = build_model_mask(window, model.cfg.gate, len(context), device, dense=True)
-            logits = model.logits(context[None], mask)
+        context = context[-model.cfg.seq_len:]  # the model's rotary tables end at seq_len
+        with autocast(device):  # dense masks: the context's length changes every token
+            logits = model.logits(context[None], model.masks(len(context), device))
         logits = logits[0, -1, :vocab].float()
         if temperature == 0:
             token = logits.argmax()
@@ -84,14 +82,14 @@ def main(argv=None) -> list:
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
     device = torch.device(args.device)
-    model, window = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
     encoding = gpt2_encoding()
     ids = [BOS_ID] + encoding.encode_ordinary(args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    new = generate(model, window, ids, args.max_new_tokens, args.temperature, args.top_k,
+    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k,
                    min(encoding.n_vocab, model.cfg.vocab_size), generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -42,6 +42,16 @@ def random_qkv(B=2, H=6, H_kv=2, T=200, D=16, device=CPU, dtype=torch.float32, s
     return make(H), make(H_kv), make(H_kv)
 
 
+def rule(window):
+    """train_gpt's visibility rule for this window."""
+    return tg.sliding_window_mask(tg.ModelConfig(window=window))
+
+
+def dense(window, T, device=CPU):
+    """The rule as the dense (T, T) mask of the CPU path."""
+    return tg.build_mask(rule(window), T, device, "sdpa")
+
+
 def tiny_args(**overrides):
     base = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=96)
     return tg.Hyperparameters(**{**base, **overrides})
@@ -53,7 +63,7 @@ def tiny_args(**overrides):
 @pytest.mark.parametrize("T", [1, 5, 127, 128, 200, 300])
 @pytest.mark.parametrize("window", [0, 1, 3, 128, 256, 1000])
 def test_dense_mask_matches_rule(T, window):
-    mask = tg.build_attention_mask(window, T, CPU)
+    mask = dense(window, T)
     assert mask.shape == (T, T) and mask.dtype == torch.bool
     for i in range(T):
         for j in range(T):
@@ -63,7 +73,7 @@ def test_dense_mask_matches_rule(T, window):
 def test_window_edges_exact():
     """i - j = W - 1 is visible, i - j = W is not; the token itself is always visible."""
     W, T = 64, 300
-    mask = tg.build_attention_mask(W, T, CPU)
+    mask = dense(W, T)
     for i in range(T):
         assert mask[i, i]
         if i >= W - 1:
@@ -75,21 +85,56 @@ def test_window_edges_exact():
 
 def test_window_larger_than_sequence_is_causal():
     T = 200
-    assert torch.equal(tg.build_attention_mask(T, T, CPU), tg.build_attention_mask(0, T, CPU))
-    assert torch.equal(tg.build_attention_mask(10 * T, T, CPU), torch.ones(T, T, dtype=torch.bool).tril())
+    assert torch.equal(dense(T, T), dense(0, T))
+    assert torch.equal(dense(10 * T, T), torch.ones(T, T, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("T, window", [(200, 0), (300, 64), (130, 256)])
 def test_block_mask_agrees_with_dense_mask(T, window):
     """The BlockMask that CUDA uses encodes the same visibility as the dense mask of the CPU path."""
-    block_mask = create_block_mask(tg.sliding_window_mask(window), None, None, T, T, device="cpu")
-    dense = block_mask.to_dense()[0, 0].bool()  # which 128 x 128 blocks are computed at all
-    rule = tg.build_attention_mask(window, T, CPU)
+    block_mask = tg.build_mask(rule(window), T, CPU, "flex")
+    computed = block_mask.to_dense()[0, 0].bool()  # which 128 x 128 blocks are computed at all
     blocks = -(-T // 128)
     padded = torch.zeros(blocks * 128, blocks * 128, dtype=torch.bool)
-    padded[:T, :T] = rule
+    padded[:T, :T] = dense(window, T)
     needed = padded.view(blocks, 128, blocks, 128).any(dim=3).any(dim=1)
-    assert torch.equal(dense, needed)
+    assert torch.equal(computed, needed)
+
+
+def band(window: "tg.FlashWindow", T):
+    """The keys FlashAttention-4 lets each query see with window_size = (window.left, 0), causal, written out."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & ((i - j <= window.left) if window.left is not None else True)
+
+
+@pytest.mark.parametrize("T", [1, 7, 256, 1000, 1024])
+@pytest.mark.parametrize("window", [0, 1, 2, 255, 256, 257, 1023, 1024, 5000])
+def test_fa4_window_is_read_off_the_rule_and_gives_its_visibility(T, window):
+    """The FA4 window is derived from sliding_window_mask itself: (W - 1, 0) for a window shorter than the
+    sequence, plain causal otherwise, and FlashAttention's band equals the rule's dense mask exactly."""
+    fa4_window = tg.build_mask(rule(window), T, CPU, "fa4")
+    assert fa4_window == tg.FlashWindow(window - 1 if 0 < window < T else None)
+    assert torch.equal(band(fa4_window, T), dense(window, T))
+
+
+def test_fa4_refuses_a_rule_that_is_not_a_window():
+    """A rule FlashAttention-4 cannot express (here: the first 4 keys always visible) is refused by fa4 and
+    sends auto to FlexAttention; flex and SDPA take any rule."""
+    window = rule(8)
+    sinks = lambda b, h, q, kv: window(b, h, q, kv) | ((kv < 4) & (kv <= q))
+    assert tg.flash_window(sinks, 64, CPU) is None
+    with pytest.raises(ValueError, match="--attention-backend fa4: FlashAttention-4 runs sliding windows only"):
+        tg.build_mask(sinks, 64, CPU, "fa4")
+    assert tg.build_mask(sinks, 64, CPU, "sdpa")[40, :4].all()
+
+
+def test_attention_backend_flag_checks():
+    with pytest.raises(ValueError, match="--attention-backend 'flash': use auto, flex or fa4"):
+        tg.check_config(tg.parse_args(["--attention-backend", "flash"]), world_size=1)
+    with pytest.raises(ValueError, match="--attention-backend fa4 cannot run here: the device is the CPU"):
+        tg.choose_attention_backend("fa4", tg.ModelConfig(), CPU)
+    for requested in ("auto", "flex"):  # the CPU path is SDPA with the dense mask, whatever the flag
+        assert tg.choose_attention_backend(requested, tg.ModelConfig(), CPU) == ("sdpa", "")
 
 
 # --- attention paths against the reference -------------------------------------------------------
@@ -102,8 +147,8 @@ def test_cpu_paths_match_reference(window, T):
     q, k, v = random_qkv(T=T, seed=window + T)
     gates = torch.rand(q.size(0), T, q.size(1))
     ref = reference_attention(q, k, v, window, gates)
-    sdpa = tg.attention(q, k, v, tg.build_attention_mask(window, T, CPU))
-    block_mask = create_block_mask(tg.sliding_window_mask(window), None, None, T, T, device="cpu")
+    sdpa = tg.attention(q, k, v, dense(window, T))
+    block_mask = create_block_mask(rule(window), None, None, T, T, device="cpu")
     with torch.no_grad():
         flex = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
     gate = gates.transpose(1, 2).unsqueeze(-1)
@@ -113,7 +158,7 @@ def test_cpu_paths_match_reference(window, T):
 
 def test_baseline_equals_sdpa_causal():
     q, k, v = random_qkv(T=150)
-    ours = tg.attention(q, k, v, tg.build_attention_mask(0, 150, CPU))
+    ours = tg.attention(q, k, v, dense(0, 150))
     sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
     torch.testing.assert_close(ours, sdpa, **FP32)
 
@@ -134,7 +179,7 @@ def test_cpu_path_gradients_match_reference(window):
         (out * upstream.to(dtype)).sum().backward()
         return [t.grad for t in leaves]
 
-    mask = tg.build_attention_mask(window, T, CPU)
+    mask = dense(window, T)
     ours = grads(torch.float32, lambda q, k, v, g: tg.attention(q, k, v, mask) * g.transpose(1, 2).unsqueeze(-1))
     ref = grads(torch.float64, lambda q, k, v, g: reference_attention(q, k, v, window, g))
     for name, a, b in zip(("q", "k", "v", "W_g", "b_g"), ours, ref):
@@ -156,14 +201,14 @@ def gated_attention_module(seed=0):
 def test_gate_values_and_shape():
     cfg, module = gated_attention_module()
     x = torch.randn(3, 40, cfg.d_model)
-    g = module.head_gates(x)
+    g = module.gate(x).squeeze(-1)
     assert g.shape == (3, 40, cfg.n_head)
     assert (g > 0).all() and (g < 1).all()
 
 
 def test_gate_starts_at_one_half():
     model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate="head")))
-    g = model.blocks[0].attn.head_gates(torch.randn(2, 10, 64))
+    g = model.blocks[0].attn.gate(torch.randn(2, 10, 64))
     assert torch.equal(g, torch.full_like(g, 0.5))
 
 
@@ -173,7 +218,7 @@ def test_zero_gate_removes_exactly_that_head():
     B, T, h, D = 2, 50, 1, cfg.head_dim
     x = torch.randn(B, T, cfg.d_model)
     cos, sin = tg.rotary_tables(D, T, cfg.rope_base)
-    mask = tg.build_attention_mask(16, T, CPU)
+    mask = tg.AttentionMasks(dense(16, T))
     with torch.no_grad():
         removed = module(x, cos, sin, mask).clone()
         module.o_proj.weight[:, h * D : (h + 1) * D] = 0
@@ -191,7 +236,7 @@ def test_attention_module_matches_reference():
     B, T, window = 2, 70, 20
     x = torch.randn(B, T, cfg.d_model)
     cos, sin = tg.rotary_tables(cfg.head_dim, T, cfg.rope_base)
-    out = module(x, cos, sin, tg.build_attention_mask(window, T, CPU))
+    out = module(x, cos, sin, tg.AttentionMasks(dense(window, T)))
     m64, x64 = module.double(), x.double()
     q = tg.apply_rotary(m64.q_norm(m64.q_proj(x64).view(B, T, cfg.n_head, -1)), cos.double(), sin.double())
     k = tg.apply_rotary(m64.k_norm(m64.k_proj(x64).view(B, T, cfg.n_kv_head, -1)), cos.double(), sin.double())
@@ -212,7 +257,7 @@ def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
     B, T, window = 2, 70, 20
     x = torch.randn(B, T, cfg.d_model)
     cos, sin = tg.rotary_tables(cfg.head_dim, T, cfg.rope_base)
-    out = module(x, cos, sin, tg.build_model_mask(window, "mix", T, CPU))
+    out = module(x, cos, sin, tg.AttentionMasks(dense(window, T), dense(0, T)))
     m64, x64 = copy.deepcopy(module).double(), x.double()
     q, k, v = m64.qkv(x64, cos.double(), sin.double())
     g = torch.sigmoid(x64 @ m64.gate.weight.T + m64.gate.bias)  # B, T, H
@@ -225,8 +270,8 @@ def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
         module.gate.weight.zero_()
         for bias, alone in ((float("inf"), window), (float("-inf"), 0)):
             module.gate.bias.fill_(bias)
-            mixed = module(x, cos, sin, tg.build_model_mask(window, "mix", T, CPU))
-            torch.testing.assert_close(mixed, no_gate(x, cos, sin, tg.build_attention_mask(alone, T, CPU)), **FP32)
+            mixed = module(x, cos, sin, tg.AttentionMasks(dense(window, T), dense(0, T)))
+            torch.testing.assert_close(mixed, no_gate(x, cos, sin, tg.AttentionMasks(dense(alone, T))), **FP32)
 
 
 # --- probes --------------------------------------------------------------------------------------
@@ -252,7 +297,7 @@ def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(ga
     T = 40
     model, g = uniform_attention_model(gate, window, T)
     idx = torch.randint(0, 50257, (6, T))
-    result = tg.probe(model, idx, window)
+    result = tg.probe(model, idx)
     i = torch.arange(T, dtype=torch.float64)
     full = 1 / (i + 1)  # full attention: 1/(i + 1) on each key
     local = 1 / (i + 1).clamp(max=window) if window else full  # the window: 1/(keys it holds) on each
@@ -308,20 +353,64 @@ def test_first_loss_is_uniform_guess(gate, window):
     model = tg.GPT(tg.ModelConfig.from_args(args))
     idx, targets = torch.randint(0, 50257, (2, 2, args.seq_len))
     with torch.no_grad():
-        loss = model(idx, targets, tg.build_attention_mask(window, args.seq_len, CPU)).item()
+        loss = model(idx, targets, model.masks(args.seq_len, CPU)).item()
     assert abs(loss - math.log(args.vocab_size)) < 0.3, loss
 
 
 def test_attention_flops_count_visible_pairs():
-    dense = tg.attention_flops_per_token(1, 1, 1, 4, 0)  # keys seen: 1 + 2 + 3 + 4
-    windowed = tg.attention_flops_per_token(1, 1, 1, 4, 2)  # 1 + 2 + 2 + 2
-    assert dense == 12 * 10 / 4 and windowed == 12 * 7 / 4
-    assert tg.attention_flops_per_token(1, 1, 1, 4, 2, "mix") == dense + windowed  # two passes
+    def flops(window, gate="none"):
+        return tg.attention_flops_per_token(tg.ModelConfig(n_layer=1, n_head=1, head_dim=1, seq_len=4, window=window,
+                                                           gate=gate))
+
+    full, windowed = flops(0), flops(2)  # keys seen: 1 + 2 + 3 + 4, and 1 + 2 + 2 + 2
+    assert full == 12 * 10 / 4 and windowed == 12 * 7 / 4
+    assert flops(2, "mix") == full + windowed  # two passes
+
+
+@pytest.mark.parametrize("T", [1, 4, 100, 1024, 3000])
+@pytest.mark.parametrize("window", [0, 1, 3, 64, 256, 1024, 4000])
+@pytest.mark.parametrize("gate", ["none", "mix"])
+def test_attention_flops_equal_a_brute_force_count_of_visible_pairs(T, window, gate):
+    if gate == "mix" and not 0 < window < T:
+        return
+    cfg = tg.ModelConfig(n_layer=3, n_head=5, head_dim=7, seq_len=T, window=window, gate=gate)
+    pairs = sum(1 for i in range(T) for j in range(i + 1) if window == 0 or i - j < window)
+    if gate == "mix":
+        pairs += T * (T + 1) // 2  # its second, full causal pass
+    assert tg.attention_flops_per_token(cfg) == pytest.approx(12 * 3 * 5 * 7 * pairs / T, rel=1e-12)
+
+
+def test_a_parameter_without_an_init_rule_is_an_error():
+    model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate="head")))
+    model.blocks[1].attn.temperature = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match=r"init_weights has no rule for parameter blocks\.1\.attn\.temperature "
+                                         r"\(Attention\)"):
+        model.init_weights()
+
+
+@pytest.mark.parametrize("n, chunk", [(300, 128), (256, 256), (50, 64)])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(n, chunk):
+    """linear_cross_entropy (CUDA's loss) against F.cross_entropy of the whole logits, in float32 on the CPU."""
+    gen = torch.Generator().manual_seed(n)
+    x, weight = torch.randn(n, 32, generator=gen), 0.3 * torch.randn(1000, 32, generator=gen)
+    targets = torch.randint(0, 1000, (n,), generator=gen)
+    results = []
+    for loss_fn in (lambda x, w: tg.linear_cross_entropy(x, w, targets, chunk),
+                    lambda x, w: F.cross_entropy(x @ w.T, targets)):
+        leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+        loss = loss_fn(*leaves)
+        (2.5 * loss).backward()  # an upstream gradient other than 1 is passed on
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    for name, ours, plain in zip(("loss", "grad x", "grad weight"), *results):
+        torch.testing.assert_close(ours, plain, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 # --- GPU ---------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+fa4 = pytest.mark.skipif(not torch.cuda.is_available() or bool(tg.flash_attention_4()[1]),
+                         reason="needs CUDA and flash-attn-4")
+BF16 = 2e-2  # relative error ||out - ref|| / ||ref|| of bf16 kernels against float64
 
 
 @cuda
@@ -333,7 +422,7 @@ def test_gpu_flex_forward_backward_match_reference(dtype, tol, window, T):
     q, k, v = random_qkv(B=2, H=12, H_kv=4, T=T, D=128, seed=T + window)
     upstream = torch.randn_like(q)
     leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
-    out = tg.attention(*leaves, tg.build_attention_mask(window, T, device))
+    out = tg.attention(*leaves, tg.build_mask(rule(window), T, device, "flex"))
     (out.float() * upstream.to(device)).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*ref_leaves, window)
@@ -350,7 +439,73 @@ def test_gpu_compiled_model_equals_eager():
     args = tiny_args(gate="head", window=32, seq_len=256)
     model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
     idx, targets = torch.randint(0, 50257, (2, 4, 256), device=device)
-    mask = tg.build_attention_mask(32, 256, device)
-    eager = model(idx, targets, mask)
-    compiled = torch.compile(model, dynamic=False)(idx, targets, mask)
+    masks = model.masks(256, device, "flex")
+    eager = model(idx, targets, masks)
+    compiled = torch.compile(model, dynamic=False)(idx, targets, masks)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@fa4
+@pytest.mark.parametrize("T", [1000, 1024])
+@pytest.mark.parametrize("window", [0, 1, 255, 256, 257, 4096])
+def test_gpu_fa4_forward_backward_match_reference(T, window):
+    """FlashAttention-4 (bf16, grouped-query heads 12 / 4 of 128) and its gradients against float64 on the CPU,
+    within BF16 relative error; windows of one token, around 256, and longer than the sequence (= causal)."""
+    device = torch.device("cuda")
+    q, k, v = random_qkv(B=2, H=12, H_kv=4, T=T, D=128, seed=T + window)
+    upstream = torch.randn_like(q)
+    # (B, H, T, D) views of (B, T, H, D) tensors, as Attention.qkv hands them over
+    leaves = [t.transpose(1, 2).contiguous().to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = tg.attention(*(t.transpose(1, 2) for t in leaves), tg.build_mask(rule(window), T, device, "fa4"))
+    (out.float() * upstream.to(device)).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ref_leaves, window)
+    (ref * upstream.double()).sum().backward()
+    ours = [out] + [t.grad.transpose(1, 2) for t in leaves]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, [ref] + [t.grad for t in ref_leaves]):
+        a, b = a.double().cpu(), b.detach()
+        assert (a - b).norm() / b.norm() < BF16, name
+
+
+@cuda
+def test_gpu_chunked_loss_equals_the_plain_loss():
+    """CUDA's loss (bf16 matmuls, float32 softmax) against the plain loss on the same bf16 logits."""
+    device = torch.device("cuda")
+    x = torch.randn(10000, 768, device=device, requires_grad=True)
+    weight = (0.05 * torch.randn(50304, 768, device=device)).requires_grad_()
+    targets = torch.randint(0, 50257, (10000,), device=device)
+    results = []
+    for loss_fn in (tg.linear_cross_entropy,
+                    lambda x, w, t: F.cross_entropy((x.bfloat16() @ w.bfloat16().T).float(), t)):
+        loss = loss_fn(x, weight, targets)
+        loss.backward()
+        results.append([loss.detach(), x.grad, weight.grad])
+        x.grad = weight.grad = None
+    assert abs(results[0][0] - results[1][0]) < 1e-3 * results[1][0]
+    for name, a, b in zip(("grad x", "grad weight"), results[0][1:], results[1][1:]):
+        assert (a - b).norm() / b.norm() < BF16, name
+
+
+@fa4
+def test_gpu_compiled_default_model_fa4_equals_flex():
+    """The compiled default gated model gives the same loss and gradients on FlashAttention-4 as on
+    FlexAttention, within bf16 tolerance."""
+    device = torch.device("cuda")
+    args = tg.Hyperparameters(window=256, gate="head")
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
+    with torch.no_grad():  # trained-like gates
+        for block in model.blocks:
+            block.attn.gate.weight.normal_(std=0.05)
+    compiled = torch.compile(model, dynamic=False)
+    idx, targets = torch.randint(0, 50257, (2, 4, 1024), device=device)
+    results = {}
+    for backend in ("flex", "fa4"):
+        with tg.autocast(device):
+            loss = compiled(idx, targets, model.masks(1024, device, backend))
+        loss.backward()
+        results[backend] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    assert abs(results["fa4"][0] - results["flex"][0]) < 5e-3
+    flex_grad, fa4_grad = results["flex"][1], results["fa4"][1]
+    assert (fa4_grad - flex_grad).norm() / flex_grad.norm() < BF16

@@ -44,8 +44,10 @@ def make_checkpoint(path, **flags):
 
 
 def our_logits(model, window, idx):
+    """model's logits with the visibility of this window (its own or another)."""
+    mask = tg.build_mask(tg.sliding_window_mask(tg.ModelConfig(window=window)), idx.size(1), CPU, "sdpa")
     with torch.no_grad():
-        return model.logits(idx, tg.build_attention_mask(window, idx.size(1), CPU))
+        return model.logits(idx, tg.AttentionMasks(mask))
 
 
 def read_safetensors_header(path):
@@ -180,7 +182,7 @@ def test_mix_model_samples_but_is_not_exported(tmp_path):
     new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
     ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
     with torch.no_grad():
-        logits = model.logits(ids, tg.build_model_mask(WINDOW, "mix", ids.size(1), CPU))
+        logits = model.logits(ids, model.masks(ids.size(1), CPU))
     assert new[0] == int(logits[0, -1, :50257].argmax())
     with pytest.raises(ValueError, match="--gate mix"):
         export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))

@@ -6,12 +6,13 @@ MLP, tied embeddings, no biases) trained on pre-tokenized GPT-2 shards. Attentio
 knobs: `--window W` limits each query to itself and the W-1 tokens before it (0 = full causal), and
 `--gate head` multiplies each head's output by g = sigmoid(W_g x + b_g), a learned gate per head and token,
 as in "Dynamic Sparse Attention with Learned Head Gating" (`--gate mix` is the paper's other reading: each head
-mixes its windowed and its full causal attention, g * local + (1 - g) * global). On CUDA the masks run through FlexAttention;
-on CPU, where FlexAttention has no backward, the same mask_mod becomes a dense mask for SDPA.
+mixes its windowed and its full causal attention, g * local + (1 - g) * global). Which keys a query sees is one
+function, sliding_window_mask; on CUDA it runs through FlashAttention-4 (where installed) or FlexAttention, on
+the CPU, where FlexAttention has no backward, as a dense mask for SDPA.
 
     python train_gpt.py --window 256 --gate head                 # one GPU (or the CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt.py ...     # 8 GPUs, same global batch
-    python train_gpt.py ... --resume logs/<run>                   # continue a stopped run from its checkpoint
+    python train_gpt.py --resume logs/<run>                       # continue a stopped run from its checkpoint
 """
 with open(__file__) as f:
     code = f.read()  # saved into every run's log directory, so a log can reproduce its run
@@ -30,13 +31,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -44,12 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
-class Hyperparameters:
-    # data
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
-    val_tokens: int = 10_485_760  # tokens per evaluation, the same ones every time
-    # model (the defaults give the paper's ~134M-parameter model)
+class ModelConfig:
+    """What the model is: GPT reads only these fields (the defaults give the paper's ~134M-parameter model)."""
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
     n_layer: int = 12
     d_model: int = 768
@@ -58,11 +56,25 @@ class Hyperparameters:
     head_dim: int = 128
     mlp_hidden: int = 2048
     rope_base: float = 10000.0
+    seq_len: int = 1024  # tokens per sequence (the rotary tables' length)
+    # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
     gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
     # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g)
+
+    @classmethod
+    def from_args(cls, args: "Hyperparameters") -> "ModelConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass
+class Hyperparameters(ModelConfig):
+    """Every field, the model's included, is a command-line flag: --field-name value."""
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # tokens per evaluation, the same ones every time
     # optimisation
-    seq_len: int = 1024  # tokens per sequence
     batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and accumulation steps
     micro_batch_tokens: int = 65_536  # tokens per forward/backward on one device
     steps: int = 5000  # optimizer steps (the default sees 2.6B tokens, ~20 per parameter)
@@ -74,12 +86,15 @@ class Hyperparameters:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     seed: int = 0
+    # speed: the same model and training on every choice
+    attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
+    # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
+    compile: bool = True  # torch.compile the model (CUDA only)
     # evaluation and logging
     val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
     log_dir: str = "logs"  # each run gets a new subdirectory here
     run_name: str = "run"  # prefix of the run's directory name
     peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
-    compile: bool = True  # torch.compile the model (CUDA only)
     # checkpoints and guards
     save_every: int = 500  # steps between checkpoints, plus one after the last step; 0 = only that one
     keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
@@ -93,15 +108,22 @@ class Hyperparameters:
     dist_timeout: int = 900  # seconds
 
 
-def parse_args(argv=None) -> Hyperparameters:
-    """One `--field value` flag per Hyperparameters field; unknown flags are errors."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def given_flags(argv=None) -> dict:
+    """The flags on the command line, {field: value}: one `--field value` flag per Hyperparameters field; unknown
+    flags are errors. Only those given, so that a resumed run takes the rest from its checkpoint."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
     for f in fields(Hyperparameters):
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag(f.name), type=_parse_bool, default=f.default, metavar="true|false")
+            parser.add_argument(flag(f.name), type=_parse_bool, metavar="true|false", help=f"default {f.default}")
         else:
-            parser.add_argument(flag(f.name), type=type(f.default), default=f.default)
-    return Hyperparameters(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag(f.name), type=type(f.default), help=f"default {f.default!r}")
+    return vars(parser.parse_args(argv))
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    """A new run's Hyperparameters: the defaults, with the flags given."""
+    return Hyperparameters(**given_flags(argv))
 
 
 def flag(name: str) -> str:
@@ -117,30 +139,13 @@ def _parse_bool(text: str) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# Model
+# Attention masks: one visibility rule, and what each kernel needs of it
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    n_layer: int
-    d_model: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    mlp_hidden: int
-    rope_base: float
-    max_seq_len: int
-    gate: str  # "none", "head" or "mix"
-
-    @classmethod
-    def from_args(cls, args: Hyperparameters) -> "ModelConfig":
-        names = {f.name for f in fields(cls)} - {"max_seq_len"}
-        return cls(max_seq_len=args.seq_len, **{n: getattr(args, n) for n in names})
-
-
-def sliding_window_mask(window: int):
-    """mask_mod: key j is visible from query i iff j <= i and, with a window W > 0, i - j < W."""
+def sliding_window_mask(cfg: ModelConfig):
+    """The visibility rule, as a FlexAttention mask_mod: key j is visible from query i iff j <= i and, with a
+    window W > 0, i - j < W. Every mask below, the FLOPs count and the probe's window start are derived from it."""
+    window = cfg.window
 
     def mask_mod(b, h, q_idx, kv_idx):
         visible = kv_idx <= q_idx
@@ -151,28 +156,118 @@ def sliding_window_mask(window: int):
     return mask_mod
 
 
-def dense_attention_mask(window: int, seq_len: int, device: torch.device):
-    """sliding_window_mask as a (T, T) boolean tensor, for SDPA."""
+def dense_mask(mask_mod, seq_len: int, device, rows=None) -> torch.Tensor:
+    """mask_mod as a boolean (T, T) tensor (rows: only those query rows)."""
     idx = torch.arange(seq_len, device=device)
-    return sliding_window_mask(window)(None, None, idx[:, None], idx[None, :])
+    q_idx = idx if rows is None else idx[rows]
+    return mask_mod(None, None, q_idx[:, None], idx[None, :])
 
 
-def build_attention_mask(window: int, seq_len: int, device: torch.device):
-    """The mask `attention` takes: a FlexAttention BlockMask on CUDA, the same mask_mod as a dense (T, T)
-    boolean tensor elsewhere. Built once per (window, seq_len), outside forward, so it never recompiles."""
-    if device.type == "cuda":
-        return create_block_mask(sliding_window_mask(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
-                                 device=device)
-    return dense_attention_mask(window, seq_len, device)
+def visible_pairs(mask_mod, seq_len: int) -> int:
+    """How many (query, key) pairs mask_mod lets attend at this length: the attention work MFU counts."""
+    rows = 1024  # a (1024, T) slice at a time, so T = 16384 needs no 2 GB of comparisons
+    return sum(int(dense_mask(mask_mod, seq_len, "cpu", slice(r, r + rows)).sum()) for r in range(0, seq_len, rows))
 
 
-def build_model_mask(window: int, gate: str, seq_len: int, device: torch.device, dense: bool = False):
-    """The `mask` GPT takes: the window's mask, paired with the full causal mask for --gate mix. dense=True
-    gives SDPA's dense masks on any device (for lengths that change from call to call, as when sampling)."""
-    build = dense_attention_mask if dense else build_attention_mask
-    mask = build(window, seq_len, device)
-    return (mask, build(0, seq_len, device)) if gate == "mix" else mask
+@dataclass(frozen=True)
+class FlashWindow:
+    """The mask as FlashAttention-4 takes it: key j visible from query i iff 0 <= i - j <= left (None: any j <= i)."""
+    left: Optional[int]
 
+
+def flash_window(mask_mod, seq_len: int, device) -> Optional[FlashWindow]:
+    """FlashAttention-4's window_size = (left, 0) that gives exactly mask_mod's visibility at this length, read off
+    the rule itself; None where no band does (a rule that is not a causal sliding window)."""
+    visible = dense_mask(mask_mod, seq_len, device)
+    i, j = torch.arange(seq_len, device=device)[:, None], torch.arange(seq_len, device=device)[None, :]
+    if not visible.any() or (visible & (j > i)).any():
+        return None
+    left = int((i - j)[visible].max())
+    band = (j <= i) & (i - j <= left)
+    if not torch.equal(band, visible):
+        return None
+    return FlashWindow(None if left == seq_len - 1 else left)
+
+
+def build_mask(mask_mod, seq_len: int, device, backend: str):
+    """mask_mod as `backend` takes it: a FlexAttention BlockMask, a FlashWindow, or a dense boolean mask for SDPA.
+    Built once per length, outside forward, so the compiled model never recompiles for it."""
+    if backend == "flex":
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    if backend == "fa4":
+        window = flash_window(mask_mod, seq_len, device)
+        if window is None:
+            raise ValueError("--attention-backend fa4: FlashAttention-4 runs sliding windows only, and "
+                             "sliding_window_mask is not one; use --attention-backend flex")
+        return window
+    return dense_mask(mask_mod, seq_len, device)
+
+
+class AttentionMasks(NamedTuple):
+    """What GPT.masks builds and every Attention layer reads: the rule's mask, and the full causal mask that
+    --gate mix mixes it with (None otherwise)."""
+    local: object
+    full: object = None
+
+
+# -----------------------------------------------------------------------------
+# Attention kernels: FlashAttention-4 (optional), FlexAttention, SDPA
+
+
+def flash_attention_4():
+    """flash_attn.cute's interface module, or the reason it cannot run here."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return None, f"{torch.cuda.get_device_name()} is older than Hopper (SM90)"
+    try:
+        from flash_attn.cute import interface
+    except ImportError as error:
+        return None, f"flash-attn-4 does not import ({error})"
+    return interface, ""
+
+
+@torch.library.custom_op("gated_swa::fa4_forward", mutates_args=())
+def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-4 on (B, T, H, D) tensors, causal, window (left, 0) (left < 0: none). An opaque op to
+    torch.compile, so the compiled graph runs it as it is instead of breaking around its Python."""
+    interface, _ = flash_attention_4()
+    out, lse, *_ = interface._flash_attn_fwd(q, k, v, causal=True, window_size_left=None if left < 0 else left,
+                                             window_size_right=0, return_lse=True)
+    return out, lse
+
+
+@fa4_forward.register_fake
+def _(q, k, v, left):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gated_swa::fa4_backward", mutates_args=())
+def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                 lse: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    interface, _ = flash_attention_4()
+    dq, dk, dv = interface._flash_attn_bwd(q, k, v, out, grad_out, lse, causal=True,
+                                           window_size_left=None if left < 0 else left, window_size_right=0)
+    return dq, dk, dv
+
+
+@fa4_backward.register_fake
+def _(q, k, v, out, grad_out, lse, left):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, ctx.left = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _fa4_grads(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return *fa4_backward(q, k, v, out, grad_out.contiguous(), lse, ctx.left), None
+
+
+fa4_forward.register_autograd(_fa4_grads, setup_context=_fa4_setup_context)
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
 
@@ -180,11 +275,39 @@ _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncom
 def attention(q, k, v, mask):
     """Masked softmax attention for q (B, H, T, D) and k, v (B, H_kv, T, D), with H a multiple of H_kv.
 
-    The only place that picks a backend: FlexAttention for a BlockMask (CUDA), SDPA with a dense boolean
-    mask otherwise, because FlexAttention has no backward on CPU. The tests check that the two agree."""
-    if isinstance(mask, BlockMask):
-        return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    The only place that picks a kernel, by the mask's kind (build_mask): FlashAttention-4 for a FlashWindow,
+    FlexAttention for a BlockMask (CUDA), SDPA for a dense boolean mask (the CPU, where FlexAttention has no
+    backward). The tests check that they agree. FlashAttention-4 takes (B, T, H, D): q, k, v come from
+    Attention.qkv as transposed views of that layout, so the transposes here copy nothing."""
+    if isinstance(mask, FlashWindow):
+        out, _ = fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             -1 if mask.left is None else mask.left)
+        return out.transpose(1, 2)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def choose_attention_backend(requested: str, cfg: ModelConfig, device: torch.device) -> tuple[str, str]:
+    """The kernel --attention-backend asks for, as build_mask names it ("fa4", "flex" or, on the CPU, "sdpa"),
+    and a note on why when auto falls back to flex. A fa4 that cannot run is an error naming the flag."""
+    if device.type == "cuda" and requested == "flex":
+        return "flex", ""
+    _, reason = flash_attention_4() if device.type == "cuda" else (None, "the device is the CPU")
+    if not reason and flash_window(sliding_window_mask(cfg), cfg.seq_len, device) is None:
+        reason = "sliding_window_mask is not a sliding window, and FlashAttention-4 runs only those"
+    if not reason and cfg.head_dim not in (64, 96, 128):
+        reason = f"--head-dim {cfg.head_dim}: FlashAttention-4 on Hopper takes 64, 96 or 128"
+    if requested == "fa4" and reason:
+        raise ValueError(f"--attention-backend fa4 cannot run here: {reason}; install flash-attn-4 with the "
+                         f"README's optional pip line on a Hopper or newer GPU, or use --attention-backend flex")
+    if device.type != "cuda":  # FlexAttention has no backward on the CPU
+        return "sdpa", ""
+    return ("flex", f"attention backend flex, not fa4: {reason}") if reason else ("fa4", "")
+
+
+# -----------------------------------------------------------------------------
+# Model
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, base: float):
@@ -201,6 +324,40 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class Gate(nn.Module):
+    """The head gate: g[b, t, h] = sigmoid(W_g x[b, t] + b_g)[h], in (0, 1), from the attention's normed input x.
+
+    It starts with W_g = 0 and b_g = 0: every gate is 0.5, the sigmoid's steepest point, so it learns fastest
+    there and starts from no preference between heads or tokens; the constant factor 0.5 is absorbed by o_proj.
+    (A gate started near 1 would make the gated model start as window-only, but its gradient would be about 5x
+    smaller.)"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_head, cfg.d_model))
+        self.bias = nn.Parameter(torch.empty(cfg.n_head))
+
+    def init_parameters(self):
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        """x (B, T, d_model) -> g (B, T, H, 1), to scale each head's output (B, T, H, D)."""
+        return torch.sigmoid(F.linear(x, self.weight, self.bias)).unsqueeze(-1)
+
+
+def gate_mix(g, local, full):
+    """--gate mix: g of the windowed attention and 1 - g of the full causal one (outputs, or attention weights)."""
+    return g * local + (1 - g) * full
+
+
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -212,14 +369,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.gate_kind = cfg.gate
-        self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=True) if cfg.gate != "none" else None
-
-    def head_gates(self, x):
-        """g[b, t, h] = sigmoid(W_g x[b, t] + b_g)[h], in (0, 1)."""
-        return torch.sigmoid(self.gate(x))
+        self.gate = Gate(cfg) if cfg.gate != "none" else None
+        self.observer = None  # probe() sets a function here to see this layer's gates and attention weights
 
     def qkv(self, x, cos, sin):
-        """Queries (B, H, T, D) and keys, values (B, H_kv, T, D), normalised and rotated."""
+        """Queries (B, H, T, D) and keys, values (B, H_kv, T, D), normalised and rotated: views of (B, T, H, D)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim))
@@ -227,19 +381,20 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, masks: AttentionMasks):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
+        y = attention(q, k, v, masks.local).transpose(1, 2)  # B, T, H, D
+        g = self.gate(x) if self.gate is not None else None  # B, T, H, 1
         if self.gate_kind == "mix":
-            window_mask, full_mask = mask  # build_model_mask's pair
-            local = attention(q, k, v, window_mask).transpose(1, 2)  # B, T, H, D
-            full = attention(q, k, v, full_mask).transpose(1, 2)
-            g = self.head_gates(x).unsqueeze(-1)
-            y = g * local + (1 - g) * full
-        else:
-            y = attention(q, k, v, mask).transpose(1, 2)  # B, T, H, D
-            if self.gate is not None:
-                y = y * self.head_gates(x).unsqueeze(-1)
+            y = gate_mix(g, y, attention(q, k, v, masks.full).transpose(1, 2))
+        elif g is not None:
+            y = y * g  # fused by torch.compile into the copy that lays y out for o_proj
+        if self.observer is not None:  # the weights the output is made of (--gate head scales the output instead)
+            weights = attention_weights(q, k, masks.local)
+            if self.gate_kind == "mix":
+                weights = gate_mix(g.transpose(1, 2), weights, attention_weights(q, k, masks.full))
+            self.observer(g, weights)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -262,22 +417,22 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, masks: AttentionMasks):
+        x = x + self.attn(self.input_norm(x), cos, sin, masks)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # init_weights draws from the random state as it is now, not as building the modules left it (the gate's
-        # Linear draws too), so one seed gives models with and without a gate the same values of every other weight
+        # init_weights draws from the random state as it is now, not as building the modules left it, so one seed
+        # gives models with and without a gate the same values of every other weight
         rng_state = torch.get_rng_state()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         torch.set_rng_state(rng_state)
@@ -285,56 +440,117 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """All initialisation, in one place.
+        """All initialisation, in one place, one rule per kind of parameter; a parameter with no rule is an error.
 
         Matrices and the embedding: normal(0, 0.02), as GPT-2. The residual-branch outputs (o_proj,
         down_proj) are scaled down by sqrt(2 * n_layer), so the residual stream's variance does not grow
         with depth (GPT-2). With the tied embedding this makes the logits small, and the first loss sits near
-        ln(vocab_size), the loss of a uniform guess. RMSNorm weights start at 1.
-        The head gate starts with W_g = 0 and b_g = 0: every gate is 0.5, the sigmoid's steepest point, so
-        it learns fastest there and starts from no preference between heads or tokens; the constant factor
-        0.5 is absorbed by o_proj. (A gate started near 1 would make the gated model start as window-only,
-        but its gradient would be about 5x smaller.)"""
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
-            elif "gate." in name:
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, std=0.02)
+        ln(vocab_size), the loss of a uniform guess. RMSNorm weights start at 1; the gate as Gate says."""
+        residual_outputs = {m for block in self.blocks for m in (block.attn.o_proj, block.mlp.down_proj)}
+        for module_name, module in self.named_modules():
+            if isinstance(module, Gate):
+                module.init_parameters()
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.Linear) and name == "weight":
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if module in residual_outputs else 0.02
+                    nn.init.normal_(p, std=std)
+                elif isinstance(module, nn.Embedding) and name == "weight":
+                    nn.init.normal_(p, std=0.02)
+                elif isinstance(module, nn.RMSNorm) and name == "weight":
+                    nn.init.ones_(p)
+                else:
+                    raise ValueError(f"init_weights has no rule for parameter {module_name}.{name} "
+                                     f"({type(module).__name__}); give it one")
 
-    def logits(self, idx, mask):
-        """idx: (B, T) token ids; returns the next-token logits (B, T, vocab_size)."""
+    def masks(self, seq_len: int, device, backend: str = "sdpa") -> AttentionMasks:
+        """This model's attention masks for sequences of seq_len, as `backend` (build_mask) takes them; the
+        dense "sdpa" masks serve any device and any length (sampling, the probe)."""
+        full = sliding_window_mask(dataclasses.replace(self.cfg, window=0)) if self.cfg.gate == "mix" else None
+        return AttentionMasks(build_mask(sliding_window_mask(self.cfg), seq_len, device, backend),
+                              None if full is None else build_mask(full, seq_len, device, backend))
+
+    def hidden(self, idx, masks: AttentionMasks):
+        """idx: (B, T) token ids; returns the final normed hidden states (B, T, d_model)."""
         T = idx.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
-        return F.linear(self.final_norm(x), self.embed.weight)  # tied output layer
+            x = block(x, cos, sin, masks)
+        return self.final_norm(x)
 
-    def forward(self, idx, targets, mask):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32."""
-        logits = self.logits(idx, mask)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+    def logits(self, idx, masks: AttentionMasks):
+        """idx: (B, T) token ids; returns the next-token logits (B, T, vocab_size)."""
+        return F.linear(self.hidden(idx, masks), self.embed.weight)  # tied output layer
+
+    @staticmethod
+    def loss_kind(device) -> str:
+        """The loss forward computes on `device`, as runs record it."""
+        return "chunked" if torch.device(device).type == "cuda" else "plain"
+
+    def forward(self, idx, targets, masks: AttentionMasks):
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. On CUDA the loss is
+        computed chunk by chunk (linear_cross_entropy), so the (B * T, vocab) logits never exist at once."""
+        x = self.hidden(idx, masks)
+        if self.loss_kind(x.device) == "chunked":
+            return linear_cross_entropy(x.flatten(0, 1), self.embed.weight, targets.flatten())
+        logits = F.linear(x, self.embed.weight)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def attention_flops_per_token(n_layer: int, n_head: int, head_dim: int, seq_len: int, window: int,
-                              gate: str = "none") -> float:
-    """Training FLOPs of QK^T and PV per token, counting only the visible (query, key) pairs:
-    2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --gate mix adds its
-    second, full causal pass."""
-    keys = sum(min(i + 1, window) if window > 0 else i + 1 for i in range(seq_len))
-    if gate == "mix":
-        keys += seq_len * (seq_len + 1) // 2
-    return 12 * n_layer * n_head * head_dim * keys / seq_len
+LOSS_CHUNK = 8192  # tokens per chunk: 8192 x 50304 bf16 logits are 0.8 GB
 
 
-def training_flops_per_token(args: Hyperparameters, n_params: int) -> float:
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(x @ weight^T, targets)) without the whole logits: per chunk of tokens, the logits in
+    the matmul's dtype, their log-sum-exp in float32, and at once the gradients of x and weight (softmax minus
+    one-hot), which backward only scales. So memory holds one chunk's logits, not 65,536 x 50,304 of them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk: int):
+        n, dtype = x.size(0), torch.bfloat16 if x.is_cuda else x.dtype
+        w = weight.to(dtype)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, n, chunk):
+            xc, tc = x[start:start + chunk].to(dtype), targets[start:start + chunk]
+            logits = xc @ w.T  # C, V
+            lse = torch.logsumexp(logits.float(), dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1).float()).sum()
+            probs = (torch.exp(logits.float() - lse[:, None]) / n).to(dtype)  # softmax / n
+            # d loss / d logits = (softmax - one_hot(targets)) / n; the one-hot part is a gather of weight's rows
+            # and a scatter of x into them, so the (C, V) probabilities are never written twice
+            grad_x[start:start + chunk] = (probs @ w).to(x.dtype) - weight[tc].to(x.dtype) / n
+            grad_w += (probs.T @ xc).float()
+            grad_w.index_add_(0, tc, xc.float(), alpha=-1 / n)
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(x, weight, targets, chunk: int = LOSS_CHUNK):
+    """x (N, d), weight (V, d), targets (N,): the same value and gradients as
+    F.cross_entropy((x @ weight.T).float(), targets), to the matmul dtype's rounding."""
+    return LinearCrossEntropy.apply(x, weight, targets, chunk)
+
+
+def attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs of QK^T and PV per token, counting only the (query, key) pairs the visibility rule lets
+    attend: 2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --gate mix adds
+    its second, full causal pass."""
+    pairs = visible_pairs(sliding_window_mask(cfg), cfg.seq_len)
+    if cfg.gate == "mix":
+        pairs += visible_pairs(sliding_window_mask(dataclasses.replace(cfg, window=0)), cfg.seq_len)
+    return 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * pairs / cfg.seq_len
+
+
+def training_flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     """MFU's FLOPs per token: 6 per parameter (forward + backward) plus the attention FLOPs done."""
-    return 6 * n_params + attention_flops_per_token(args.n_layer, args.n_head, args.head_dim, args.seq_len, args.window,
-                                                    args.gate)
+    return 6 * n_params + attention_flops_per_token(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -468,8 +684,10 @@ class DataLoader:
         return chunk[:-1].view(B, T), chunk[1:].view(B, T)
 
 
+
+
 # -----------------------------------------------------------------------------
-# Schedule and evaluation
+# Schedule, evaluation and probes
 
 
 def get_lr(step: int, args: Hyperparameters) -> float:
@@ -482,7 +700,7 @@ def get_lr(step: int, args: Hyperparameters) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, steps: int, mask) -> float:
+def evaluate(model, loader: DataLoader, steps: int, masks: AttentionMasks) -> float:
     """Mean loss over the loader's first `steps` batches on every rank: the same tokens each call."""
     model.eval()
     loader.reset()
@@ -490,61 +708,53 @@ def evaluate(model, loader: DataLoader, steps: int, mask) -> float:
     for _ in range(steps):
         inputs, targets = loader.next_batch()
         with autocast(loader.device):
-            total += model(inputs, targets, mask).float()
+            total += model(inputs, targets, masks).float()
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train()
     return total.item() / (steps * loader.world_size)
 
 
-def attention_weights(q, k, mask):
-    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
 PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention weights stay small at T = 1024
 
 
 @torch.no_grad()
-def probe(model: GPT, idx, window: int) -> dict:
+def probe(model: GPT, idx) -> dict:
     """How the attention of `model` behaves on validation tokens idx (B, T), per layer, in float32:
     gates (gated models): per head, the mean and standard deviation of g and the fractions under 0.1 and over
     0.9; sinks: the mean share of attention a query puts on the sequence's first token, and on the first token
-    of its window (the oldest key it sees; the same token under full attention).
-    The weights are recomputed densely from each layer's queries and keys. Under --gate mix they are the
-    mixture g * window + (1 - g) * full that a head's output is made of; a --gate head gate scales the output,
-    not the weights, so there they are the softmax's."""
+    it sees (the oldest key of its window; the same token under full attention).
+    Each layer's Attention hands its gates and attention weights over from the forward pass itself (its
+    observer), with dense masks: under --gate mix the weights are the mixture a head's output is made of; a
+    --gate head gate scales the output, not the weights, so there they are the softmax's."""
     was_training = model.training
     model.eval()
-    gate, T, device = model.cfg.gate, idx.size(1), idx.device
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    mask = build_model_mask(window, gate, T, device, dense=True)
-    window_mask, full_mask = mask if gate == "mix" else (mask, None)
-    positions = torch.arange(T, device=device)
-    window_start = (positions - window + 1).clamp(min=0) if window > 0 else torch.zeros_like(positions)
-    n_layer = len(model.blocks)
+    T, device, n_layer = idx.size(1), idx.device, len(model.blocks)
+    masks = model.masks(T, device)
+    first_visible = masks.local.int().argmax(-1)  # per query, the first key the visibility rule lets it see
+    queries = torch.arange(T, device=device)
     gates, first_share, start_share = [[] for _ in range(n_layer)], [0.0] * n_layer, [0.0] * n_layer
-    for chunk in idx.split(PROBE_CHUNK):
-        x = model.embed(chunk)
-        for layer, block in enumerate(model.blocks):
-            h = block.input_norm(x)
-            q, k, _ = block.attn.qkv(h, cos, sin)
-            weights = attention_weights(q, k, window_mask)  # B, H, T, T
-            if gate != "none":
-                g = block.attn.head_gates(h)  # B, T, H
-                gates[layer].append(g.reshape(-1, g.size(-1)))
-                if gate == "mix":
-                    g = g.transpose(1, 2).unsqueeze(-1)
-                    weights = g * weights + (1 - g) * attention_weights(q, k, full_mask)
+
+    def observer(layer):
+        def observe(g, weights):  # g (B, T, H, 1) or None; weights (B, H, T, T)
+            if g is not None:
+                gates[layer].append(g.flatten(0, 1).flatten(1))
             first_share[layer] += weights[..., 0].sum().item()
-            start_share[layer] += weights[:, :, positions, window_start].sum().item()
-            x = block(x, cos, sin, mask)
-    queries = idx.numel() * model.cfg.n_head
-    result = {"sinks": {"first_token": [round(s / queries, 5) for s in first_share],
-                        "window_start": [round(s / queries, 5) for s in start_share]}}
-    if gate != "none":
+            start_share[layer] += weights[:, :, queries, first_visible].sum().item()
+        return observe
+
+    for layer, block in enumerate(model.blocks):
+        block.attn.observer = observer(layer)
+    try:
+        for chunk in idx.split(PROBE_CHUNK):
+            model.hidden(chunk, masks)
+    finally:
+        for block in model.blocks:
+            block.attn.observer = None
+    n_queries = idx.numel() * model.cfg.n_head
+    result = {"sinks": {"first_token": [round(s / n_queries, 5) for s in first_share],
+                        "window_start": [round(s / n_queries, 5) for s in start_share]}}
+    if model.cfg.gate != "none":
         g = [torch.cat(values) for values in gates]  # per layer: (B * T, H)
         stats = {"mean": lambda v: v.mean(0), "std": lambda v: v.std(0),
                  "below_0.1": lambda v: (v < 0.1).float().mean(0), "above_0.9": lambda v: (v > 0.9).float().mean(0)}
@@ -557,6 +767,206 @@ def probe(model: GPT, idx, window: int) -> dict:
 def autocast(device: torch.device):
     """bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow on most processors."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# Main: the training run. Its checkpoints, stop signals and set-up follow it, below.
+
+
+def main(argv=None):
+    given = given_flags(argv)
+    checkpoint = None
+    if "resume" in given:  # the checkpoint's own config, with the flags given beside --resume
+        path = find_checkpoint(given["resume"])
+        checkpoint = load_checkpoint(path)
+        args = Hyperparameters(**{**checkpoint["config"], **given, "resume": path})  # config.json names the file
+    else:
+        args = Hyperparameters(**given)
+    # before the process group starts, which a bad flag (--dist-timeout 0) would break with a less clear error
+    grad_accum_steps = check_config(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
+    master = rank == 0
+    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
+    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
+                              args.vocab_size, device, seed=args.seed)
+    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
+                            args.vocab_size, device)
+    val_steps = args.val_tokens // (world_size * B * T)
+    if val_loader.tokens_per_epoch < args.val_tokens + 1:
+        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
+                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
+    train_shards = [[os.path.basename(f), n] for f, n in zip(train_loader.files, train_loader.shard_tokens)]
+    if checkpoint is not None:
+        resume_changes = check_resume(checkpoint, args, train_shards, world_size)
+    cfg = ModelConfig.from_args(args)
+    backend, backend_note = choose_attention_backend(args.attention_backend, cfg, device)
+    kernels = {"attention": backend, "loss": GPT.loss_kind(device)}
+
+    run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
+    if world_size > 1:  # every rank names the same checkpoint files in its messages
+        shared = [run_dir]
+        dist.broadcast_object_list(shared)
+        run_dir = shared[0]
+
+    def print0(msg: str):
+        if master:
+            print(msg, flush=True)
+            with open(os.path.join(run_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def record(**metrics):
+        if master:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    env = environment(device, world_size)
+    if master:
+        with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
+            f.write(code)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "kernels": kernels}, f, indent=2)
+        with open(os.path.join(run_dir, "env.json"), "w") as f:
+            json.dump(env, f, indent=2)
+    print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
+    if backend_note:
+        print0(backend_note)
+    print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
+
+    torch.manual_seed(args.seed)
+    raw_model = GPT(cfg).to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = training_flops_per_token(cfg, n_params)
+    print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
+    model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    masks = raw_model.masks(T, device, backend)
+
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
+        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
+        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
+        last_checkpoint = args.resume
+        print0(f"resumed from {args.resume} at step {start_step}"
+               + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
+        del checkpoint  # frees the CPU copy of weights and moments
+
+    def save_checkpoint(step: int) -> str:
+        """Rank 0 writes; every rank waits for it, so none exits (or is killed with the job) while it writes."""
+        path = checkpoint_path(run_dir, step)
+        if master:
+            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "data_position": train_loader.position, "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
+                     "train_time_s": train_time, "nonfinite_skipped": skipped}
+            write_checkpoint(path, state, args.keep_checkpoints)
+            print0(f"checkpoint {path}")
+        if world_size > 1:
+            dist.barrier()
+        return path
+
+    # gate and sink statistics at each evaluation, on rank 0's first validation micro-batch, read once
+    probe_inputs = val_loader.first_batch() if master else None
+    # the first steps compile; they stay out of step time and tokens/s
+    timing_skip = start_step + min(5, args.steps - start_step - 1)
+    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
+    tokens_per_step = args.batch_tokens
+    stop, stop_signal, failure = StopSignals(), 0, None
+    for step in range(start_step, args.steps + 1):
+        last_step = step == args.steps
+        if last_step or (args.val_every > 0 and step % args.val_every == 0):
+            val_loss = evaluate(model, val_loader, val_steps, masks)
+            print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
+            probes = probe(raw_model, probe_inputs) if master else {}  # the other ranks wait at the next step
+            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
+        if last_step:
+            break
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loss = torch.zeros((), device=device)
+        for micro_step in range(grad_accum_steps):
+            inputs, targets = train_loader.next_batch()
+            if world_size > 1:
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast(device):
+                loss = model(inputs, targets, masks) / grad_accum_steps
+            loss.backward()
+            train_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        if world_size > 1:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
+        # checked before the update, which would spread a NaN to every weight; every rank sees the same averaged
+        # loss and, after DDP's all-reduce, the same gradients, so all decide alike
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        if step >= timing_skip:
+            timed_time, timed_steps = timed_time + step_time, timed_steps + 1
+        tokens_per_s = tokens_per_step * timed_steps / timed_time if timed_steps else tokens_per_step / step_time
+        eta = (args.steps - step - 1) * (timed_time / timed_steps if timed_steps else step_time)
+        print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
+               f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
+        record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
+        if not finite:
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                where = (f"the last good checkpoint is {last_checkpoint}; resume from it" if last_checkpoint
+                         else "no checkpoint was written yet; start again")
+                failure = (f"step {step + 1}: loss {train_loss} or gradient norm {grad_norm} is not finite, so the "
+                           f"run stopped before updating the weights with it; {where} with a lower --lr, or with "
+                           f"--skip-nonfinite K to skip up to K such steps")
+                break
+            print0(f"step:{step + 1}/{args.steps} skipped: no update from a non-finite loss or gradient norm "
+                   f"({skipped} of --skip-nonfinite {args.skip_nonfinite})")
+
+        stop_signal = stop.agreed(device)
+        if stop_signal or step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0):
+            last_checkpoint = save_checkpoint(step + 1)
+        if stop_signal:
+            break
+    if dist.is_initialized():
+        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
+        # thread while holding the GIL that thread waits for, and the process never exits
+        del model
+        dist.destroy_process_group()
+    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
+        print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
+               + resume_command(last_checkpoint, world_size))
+        sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
+    stop.restore()
+    if failure:
+        raise FloatingPointError(failure)
+
+    on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
+    mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
+    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None
+    summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
+               "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
+               "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
+               "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels}
+    if master:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
+    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
+           f"logs in {run_dir}")
+    return summary
 
 
 # -----------------------------------------------------------------------------
@@ -577,7 +987,8 @@ CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rn
 # gradient sums changes, so the losses then agree to float rounding, not bit for bit.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch_tokens",
                         "train_files", "val_files", "val_tokens", "val_every", "log_dir", "run_name", "peak_tflops",
-                        "compile", "save_every", "keep_checkpoints", "skip_nonfinite", "dist_timeout")
+                        "attention_backend", "compile", "save_every", "keep_checkpoints", "skip_nonfinite",
+                        "dist_timeout")
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -691,12 +1102,10 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def resume_command(argv: list, checkpoint: str, world_size: int) -> str:
-    """The command line that continues a stopped run: its own flags, with --resume last so it wins."""
-    flags = [a for i, a in enumerate(argv) if a != "--resume" and not a.startswith("--resume=")
-             and (i == 0 or argv[i - 1] != "--resume")]
+def resume_command(checkpoint: str, world_size: int) -> str:
+    """The command line that continues a stopped run: the checkpoint holds its config, so --resume is enough."""
     launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
-    return f"{launcher} {shlex.join([os.path.relpath(__file__), *flags, '--resume', checkpoint])}"
+    return f"{launcher} {shlex.join([os.path.relpath(__file__), '--resume', checkpoint])}"
 
 
 # -----------------------------------------------------------------------------
@@ -739,6 +1148,8 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
             problems.append(f"{flag(name)} {getattr(args, name)}: must lie in [0, 1)")
     if problems:  # the checks below divide by these sizes
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+    if args.attention_backend not in ("auto", "flex", "fa4"):
+        problems.append(f"--attention-backend {args.attention_backend!r}: use auto, flex or fa4")
     if args.gate not in ("none", "head", "mix"):
         problems.append(f"--gate {args.gate!r}: use none, head or mix")
     if args.gate == "mix" and not 0 < args.window < args.seq_len:
@@ -795,194 +1206,6 @@ def environment(device: torch.device, world_size: int) -> dict:
     return env
 
 
-# -----------------------------------------------------------------------------
-# Main
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # before the process group starts, which a bad flag (--dist-timeout 0) would break with a less clear error
-    grad_accum_steps = check_config(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
-    master = rank == 0
-    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
-    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
-                              args.vocab_size, device, seed=args.seed)
-    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
-                            args.vocab_size, device)
-    val_steps = args.val_tokens // (world_size * B * T)
-    if val_loader.tokens_per_epoch < args.val_tokens + 1:
-        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
-                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
-    train_shards = [[os.path.basename(f), n] for f, n in zip(train_loader.files, train_loader.shard_tokens)]
-    checkpoint = None
-    if args.resume:
-        args = dataclasses.replace(args, resume=find_checkpoint(args.resume))  # config.json names the very file
-        checkpoint = load_checkpoint(args.resume)
-        resume_changes = check_resume(checkpoint, args, train_shards, world_size)
-
-    run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
-    if world_size > 1:  # every rank names the same checkpoint files in its messages
-        shared = [run_dir]
-        dist.broadcast_object_list(shared)
-        run_dir = shared[0]
-
-    def print0(msg: str):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(run_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def record(**metrics):
-        if master:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-
-    env = environment(device, world_size)
-    if master:
-        with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
-            f.write(code)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        with open(os.path.join(run_dir, "env.json"), "w") as f:
-            json.dump(env, f, indent=2)
-    print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
-
-    torch.manual_seed(args.seed)
-    raw_model = GPT(ModelConfig.from_args(args)).to(device)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_token = training_flops_per_token(args, n_params)
-    print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
-    model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    mask = build_model_mask(args.window, args.gate, T, device)
-
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
-    start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
-    if checkpoint is not None:
-        restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
-        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
-        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
-        last_checkpoint = args.resume
-        print0(f"resumed from {args.resume} at step {start_step}"
-               + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
-        del checkpoint  # frees the CPU copy of weights and moments
-
-    def save_checkpoint(step: int) -> str:
-        """Rank 0 writes; every rank waits for it, so none exits (or is killed with the job) while it writes."""
-        path = checkpoint_path(run_dir, step)
-        if master:
-            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "data_position": train_loader.position, "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
-                     "train_time_s": train_time, "nonfinite_skipped": skipped}
-            write_checkpoint(path, state, args.keep_checkpoints)
-            print0(f"checkpoint {path}")
-        if world_size > 1:
-            dist.barrier()
-        return path
-
-    # gate and sink statistics at each evaluation, on rank 0's first validation micro-batch, read once
-    probe_inputs = val_loader.first_batch() if master else None
-    # the first steps compile; they stay out of step time and tokens/s
-    timing_skip = start_step + min(5, args.steps - start_step - 1)
-    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
-    tokens_per_step = args.batch_tokens
-    stop, stop_signal, failure = StopSignals(), 0, None
-    for step in range(start_step, args.steps + 1):
-        last_step = step == args.steps
-        if last_step or (args.val_every > 0 and step % args.val_every == 0):
-            val_loss = evaluate(model, val_loader, val_steps, mask)
-            print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
-            probes = probe(raw_model, probe_inputs, args.window) if master else {}  # the other ranks wait at the next step
-            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
-        if last_step:
-            break
-
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loss = torch.zeros((), device=device)
-        for micro_step in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch()
-            if world_size > 1:
-                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-            with autocast(device):
-                loss = model(inputs, targets, mask) / grad_accum_steps
-            loss.backward()
-            train_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        if world_size > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
-        # checked before the update, which would spread a NaN to every weight; every rank sees the same averaged
-        # loss and, after DDP's all-reduce, the same gradients, so all decide alike
-        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
-        train_time += step_time
-        if step >= timing_skip:
-            timed_time, timed_steps = timed_time + step_time, timed_steps + 1
-        tokens_per_s = tokens_per_step * timed_steps / timed_time if timed_steps else tokens_per_step / step_time
-        eta = (args.steps - step - 1) * (timed_time / timed_steps if timed_steps else step_time)
-        print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
-               f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
-        record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
-        if not finite:
-            skipped += 1
-            if skipped > args.skip_nonfinite:
-                where = (f"the last good checkpoint is {last_checkpoint}; resume from it" if last_checkpoint
-                         else "no checkpoint was written yet; start again")
-                failure = (f"step {step + 1}: loss {train_loss} or gradient norm {grad_norm} is not finite, so the "
-                           f"run stopped before updating the weights with it; {where} with a lower --lr, or with "
-                           f"--skip-nonfinite K to skip up to K such steps")
-                break
-            print0(f"step:{step + 1}/{args.steps} skipped: no update from a non-finite loss or gradient norm "
-                   f"({skipped} of --skip-nonfinite {args.skip_nonfinite})")
-
-        stop_signal = stop.agreed(device)
-        if stop_signal or step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0):
-            last_checkpoint = save_checkpoint(step + 1)
-        if stop_signal:
-            break
-    if dist.is_initialized():
-        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
-        # thread while holding the GIL that thread waits for, and the process never exits
-        del model
-        dist.destroy_process_group()
-    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
-        print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
-               + resume_command(sys.argv[1:] if argv is None else argv, last_checkpoint, world_size))
-        sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
-    stop.restore()
-    if failure:
-        raise FloatingPointError(failure)
-
-    on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
-    mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
-    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None
-    summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
-               "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
-               "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
-               "lr": args.lr, "device": env["device"], "world_size": world_size}
-    if master:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
-    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
-           f"logs in {run_dir}")
-    return summary
 
 
 if __name__ == "__main__":
