@@ -149,14 +149,12 @@ def loss_variants():
     def plain(x, weight, targets):
         return F.cross_entropy(F.linear(x, weight).float(), targets)
 
-    variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain),
-                "ours: chunked linear cross-entropy, compiled": torch.compile(tg.linear_cross_entropy)}
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        liger = LigerFusedLinearCrossEntropyLoss()
-        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: liger(weight, x, targets)
-    except ImportError as error:
-        print(f"liger-kernel: not installed ({error})")
+    variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain)}
+    if tg.FUSED_CROSS_ENTROPY is None:
+        print("liger-kernel: not installed")
+    else:
+        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.FUSED_CROSS_ENTROPY(
+            weight, x, targets)
     return variants
 
 
@@ -223,6 +221,10 @@ def step_table(seq_lens, tokens: int, backends, presets, peak_tflops: float, pro
     for T in seq_lens:
         for backend in backends:
             for name in presets:
+                if ":" in name:  # BACKEND:PRESET, a row for that backend only
+                    if not name.startswith(backend + ":"):
+                        continue
+                    name = name.split(":")[1]
                 args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, **STEP_VARIANTS[name])
                 step, flops = build_step(args, backend, device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -287,7 +289,8 @@ def main():
                                                          "1024,4096,8192,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--backends", default="flex,fa4", help="attention backends to time, comma-separated")
-    parser.add_argument("--presets", default="baseline,window,gated", help="step table rows, comma-separated")
+    parser.add_argument("--presets", default="baseline,window,gated",
+                        help="step table rows, comma-separated: PRESET (every backend) or BACKEND:PRESET")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
     parser.add_argument("--profile", default="",
                         help="BACKEND:PRESET (e.g. fa4:gated): print one step's GPU time by kernel kind, and its "

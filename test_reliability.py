@@ -3,6 +3,7 @@
     python -m pytest -q test_reliability.py
 """
 import glob
+import json
 import os
 import re
 import shlex
@@ -211,9 +212,28 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(unint
     stop_step = int(re.search(r"stopped by SIGTERM after step (\d+)", output)[1])
     stopped = run_dir_in(output)
     assert 1 <= stop_step < STEPS and tg.run_checkpoints(stopped) == [tg.checkpoint_path(stopped, stop_step)]
-    resumed = run_dir_in(run(resume_command(output)))
+    command = resume_command(output)
+    assert command == [sys.executable, os.path.relpath(SCRIPT), "--resume", tg.checkpoint_path(stopped, stop_step)]
+    resumed = run_dir_in(train("--resume", stopped))  # the run directory alone: its config is in the checkpoint
     full = losses(uninterrupted)
     assert resumed != stopped and {**losses(stopped), **losses(resumed)} == full
+
+
+def test_resume_takes_the_checkpoints_config_and_only_flags_that_may_change(uninterrupted, tmp_path):
+    """--resume with a flag that may change (--lr) continues the run with it and logs the change; one that may not
+    (--n-layer) is refused, naming it."""
+    checkpoint = tg.checkpoint_path(uninterrupted, 3)
+    tg.main(["--resume", checkpoint, "--lr", "2e-3", "--steps", "6", "--log-dir", str(tmp_path)])
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        assert f"resumed from {checkpoint} at step 3; changed: --steps 16 -> 6, --lr 0.003 -> 0.002" in f.read()
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["lr"] == 2e-3 and config["d_model"] == 64 and config["train_files"] == tg.Hyperparameters(
+        **tg.load_checkpoint(checkpoint)["config"]).train_files
+    with pytest.raises(ValueError, match=r"where it must not:\n  --n-layer 2 -> 3\nuse the checkpoint's values"):
+        tg.main(["--resume", uninterrupted, "--n-layer", "3", "--log-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_sigint_is_noted_like_sigterm_and_the_handlers_are_given_back():

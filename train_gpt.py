@@ -485,57 +485,33 @@ class GPT(nn.Module):
 
     @staticmethod
     def loss_kind(device) -> str:
-        """The loss forward computes on `device`, as runs record it."""
-        return "chunked" if torch.device(device).type == "cuda" else "plain"
+        """The loss forward computes on `device`, as runs record it: "fused" (liger-kernel's, on CUDA where it is
+        installed) or "plain"."""
+        return "fused" if torch.device(device).type == "cuda" and FUSED_CROSS_ENTROPY is not None else "plain"
 
     def forward(self, idx, targets, masks: AttentionMasks):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. On CUDA the loss is
-        computed chunk by chunk (linear_cross_entropy), so the (B * T, vocab) logits never exist at once."""
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. The fused loss computes the
+        logits a chunk of tokens at a time, so the (B * T, vocab) float32 logits never exist at once: the same
+        value and gradients, in a quarter of the memory (bench.py's loss table)."""
         x = self.hidden(idx, masks)
-        if self.loss_kind(x.device) == "chunked":
-            return linear_cross_entropy(x.flatten(0, 1), self.embed.weight, targets.flatten())
+        if self.loss_kind(x.device) == "fused":
+            return FUSED_CROSS_ENTROPY(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
+                                       targets.flatten())
         logits = F.linear(x, self.embed.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-LOSS_CHUNK = 8192  # tokens per chunk: 8192 x 50304 bf16 logits are 0.8 GB
+def fused_cross_entropy():
+    """liger-kernel's fused linear cross-entropy (optional, CUDA), or None where it does not import."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    # run as it is, outside torch.compile's graph: its host-side .item() and Triton launches do not trace
+    return torch.compiler.disable(LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32))
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean(cross_entropy(x @ weight^T, targets)) without the whole logits: per chunk of tokens, the logits in
-    the matmul's dtype, their log-sum-exp in float32, and at once the gradients of x and weight (softmax minus
-    one-hot), which backward only scales. So memory holds one chunk's logits, not 65,536 x 50,304 of them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk: int):
-        n, dtype = x.size(0), torch.bfloat16 if x.is_cuda else x.dtype
-        w = weight.to(dtype)
-        loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, n, chunk):
-            xc, tc = x[start:start + chunk].to(dtype), targets[start:start + chunk]
-            logits = xc @ w.T  # C, V
-            lse = torch.logsumexp(logits.float(), dim=-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1).float()).sum()
-            probs = (torch.exp(logits.float() - lse[:, None]) / n).to(dtype)  # softmax / n
-            # d loss / d logits = (softmax - one_hot(targets)) / n; the one-hot part is a gather of weight's rows
-            # and a scatter of x into them, so the (C, V) probabilities are never written twice
-            grad_x[start:start + chunk] = (probs @ w).to(x.dtype) - weight[tc].to(x.dtype) / n
-            grad_w += (probs.T @ xc).float()
-            grad_w.index_add_(0, tc, xc.float(), alpha=-1 / n)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
-
-
-def linear_cross_entropy(x, weight, targets, chunk: int = LOSS_CHUNK):
-    """x (N, d), weight (V, d), targets (N,): the same value and gradients as
-    F.cross_entropy((x @ weight.T).float(), targets), to the matmul dtype's rounding."""
-    return LinearCrossEntropy.apply(x, weight, targets, chunk)
+FUSED_CROSS_ENTROPY = fused_cross_entropy()
 
 
 def attention_flops_per_token(cfg: ModelConfig) -> float:
