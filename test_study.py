@@ -1,10 +1,11 @@
 """study.py's queue of runs, compare.py's table and plot.py's figures, on fake runs and on run directories written
-here by hand (no training).
+here by hand (no training); and that run.sh keeps to bash 3.2.
 
     python -m pytest -q test_study.py
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,3 +336,25 @@ def test_study_plans_runs_by_lr_then_seed_then_arm():
     assert runs[4].flags("out") == ["--window", "0", "--gate", "none", "--run-name", "baseline", "--seed", "0", "--lr",
                                     "2e-3", "--log-dir", "out"]
 
+
+# Constructs that bash 3.2 (macOS's /bin/bash) lacks: a run.sh using one fails there at the line that uses it.
+BASH4_ONLY = {
+    r"\b(declare|local|typeset)\s+-[a-zA-Z]*[An]": "associative arrays or namerefs (declare -A, declare -n)",
+    r"\b(mapfile|readarray|coproc)\b": "mapfile, readarray or coproc",
+    r"\$\{[^}]*(\^|,)\}|\$\{[^}]*(\^\^|,,)": "case modification (${x,,}, ${x^^})",
+    r"\$\{[^}]*@[QEPAaUuLK]\}": "${x@Q} transformations",
+    r"&>>|\|&": "&>> or |&",
+    r";;&|;&": "case fall-through (;& and ;;&)",
+    r"\[-[0-9]+\]": "negative array indices",
+    r"\bwait\s+-n\b|\bdeclare\s+-g\b|\{[a-zA-Z_]+\}[<>]": "wait -n, declare -g or {fd}> redirections",
+    r"\bshopt\s+-s\s+(globstar|lastpipe)\b|\$EPOCH(SECONDS|REALTIME)": "globstar, lastpipe or $EPOCHSECONDS",
+}
+
+
+def test_run_sh_uses_no_bash_4_constructs():
+    """A grep, since no bash 3.2 is at hand; comments are left out, as they may name the constructs."""
+    with open(os.path.join(HERE, "run.sh")) as f:
+        code = [(n, re.sub(r"(^|\s)#.*", "", line)) for n, line in enumerate(f, 1)]
+    found = [f"run.sh:{n}: {what}: {line.strip()}" for n, line in code for pattern, what in BASH4_ONLY.items()
+             if re.search(pattern, line)]
+    assert not found, "\n".join(found)
