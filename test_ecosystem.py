@@ -4,7 +4,9 @@
 
 The transformers tests are skipped when transformers is not installed.
 """
+import ast
 import dataclasses
+import io
 import json
 import os
 import struct
@@ -79,17 +81,33 @@ def test_export_names_every_weight_and_the_window(tmp_path):
         assert header[f"model.layers.{i}.self_attn.gate.weight"]["shape"] == [TINY["n_head"], TINY["d_model"]]
         assert header[f"model.layers.{i}.self_attn.gate.bias"]["shape"] == [TINY["n_head"]]
     assert "lm_head.weight" not in header and config["tie_word_embeddings"]
-    assert config["head_gate"] and config["sliding_window"] == WINDOW and config["use_sliding_window"]
+    assert config["sliding_window"] == WINDOW and config["use_sliding_window"]
     assert config["layer_types"] == ["sliding_attention"] * TINY["n_layer"]
+    assert config["model_type"] == "gated_qwen3" and config["architectures"] == ["GatedQwen3ForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "modeling_gated_qwen3.GatedQwen3Config",
+                                  "AutoModelForCausalLM": "modeling_gated_qwen3.GatedQwen3ForCausalLM"}
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "modeling_gated_qwen3.py"):
         assert (tmp_path / "hf" / name).exists()
+    # it travels alone with the weights, so it may import nothing but torch and transformers
+    tree = ast.parse((tmp_path / "hf" / "modeling_gated_qwen3.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in modules} == {"torch", "transformers"}
 
 
-def load_hf(path, attn_implementation):
+def test_ungated_export_is_plain_qwen3(tmp_path):
+    """A window-only model needs no code of ours: model type qwen3, no auto_map, no modeling file."""
+    make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
+    config = export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert "auto_map" not in config and not (tmp_path / "hf" / "modeling_gated_qwen3.py").exists()
+
+
+def load_hf(path, attn_implementation, trust_remote_code=False):
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -113,19 +131,18 @@ def test_transformers_logits_match(tmp_path, window, attn_implementation):
             assert (our_logits(model, other, idx) - theirs).abs().max() > 1e-2
 
 
-def test_transformers_loads_a_gated_model_without_its_gates(tmp_path):
-    """Stock transformers ignores the exported gates: it computes the model with every gate at 1."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
+def test_transformers_refuses_a_gated_model_without_trust_remote_code(tmp_path, monkeypatch):
+    """Without trust_remote_code, transformers' own error (after its prompt, answered with the default "no"), not a
+    Qwen3 model without gates; the tokenizer still loads."""
+    transformers = pytest.importorskip("transformers")
+    make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
     export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    hf = load_hf(str(tmp_path / "hf"), "sdpa")
-    idx = torch.randint(0, 50257, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        theirs = hf(idx).logits
-        assert (our_logits(model, WINDOW, idx) - theirs).abs().max() > 1e-2
-        for block in model.blocks:
-            block.attn.gate.weight.zero_()
-            block.attn.gate.bias.fill_(100.0)  # sigmoid(100) is 1 in float32
-    assert (our_logits(model, WINDOW, idx) - theirs).abs().max() < 1e-4
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    for kwargs in ({}, {"trust_remote_code": False}):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert tokenizer("It is")["input_ids"] == sample.gpt2_encoding().encode_ordinary("It is")
 
 
 def test_exported_tokenizer_matches_tiktoken(tmp_path):
