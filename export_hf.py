@@ -5,19 +5,21 @@ Export a train_gpt.py checkpoint as a Hugging Face transformers Qwen3 model, wit
     python export_hf.py logs/run-.../ckpt_step005000.pt hf/run   # or one checkpoint
 
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained("hf/run")
+    model = AutoModelForCausalLM.from_pretrained("hf/run")                            # none: a Qwen3ForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("hf/run", trust_remote_code=True)    # --gate head
 
 train_gpt.py's model is Qwen3's architecture with tied embeddings, so the weights map one to one (WEIGHT_NAMES).
 A window-only model (--window W) becomes a Qwen3 model whose every layer is a "sliding_attention" layer with
 sliding_window W: transformers lets key j reach query i iff 0 <= i - j < W, as train_gpt.py's
-sliding_window_mask does. A gated model (--gate head) also exports its gates, as
-model.layers.{i}.self_attn.gate.weight and .bias, with "head_gate": true in config.json; stock transformers
-has no head gate, so it ignores them (and says so when loading) and computes the model with every gate at 1.
+sliding_window_mask does. Stock Qwen3 has no head gate, so a gated model (--gate head) gets model type
+"gated_qwen3": its folder also holds modeling_gated_qwen3.py (Qwen3 with the gate), which config.json's
+auto_map names, and its gates are model.layers.{i}.self_attn.gate.weight and .bias. --gate mix is refused.
 GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) are made from data/gpt2.tiktoken.
 """
 import argparse
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -37,7 +39,7 @@ WEIGHT_NAMES = {
        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")},
     **{f"blocks.{{i}}.mlp.{name}.weight": f"model.layers.{{i}}.mlp.{name}.weight"
        for name in ("gate_proj", "up_proj", "down_proj")},
-    # the head gate (--gate head): not part of Qwen3, ignored by stock transformers
+    # the head gate (--gate head): not part of Qwen3, but of GatedQwen3Attention in modeling_gated_qwen3.py
     "blocks.{i}.attn.gate.weight": "model.layers.{i}.self_attn.gate.weight",
     "blocks.{i}.attn.gate.bias": "model.layers.{i}.self_attn.gate.bias",
 }
@@ -54,6 +56,10 @@ def hf_state_dict(state: dict, n_layer: int) -> dict:
         raise ValueError(f"the checkpoint holds weights with no Hugging Face name: {', '.join(unknown)}; "
                          f"add them to WEIGHT_NAMES in export_hf.py")
     return {names[name]: tensor for name, tensor in state.items()}
+
+
+# a gated model's own model class, copied beside its weights; its classes keep their names in auto_map
+GATED_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_gated_qwen3.py")
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -86,7 +92,13 @@ def hf_config(cfg: ModelConfig) -> dict:
         "layer_types": [("sliding_attention" if window > 0 else "full_attention")] * cfg.n_layer,
     }
     if cfg.gate == "head":
-        config["head_gate"] = True  # ours, not Qwen3's: the safetensors hold self_attn.gate.{weight,bias}
+        # GatedQwen3Config's model type, so that transformers refuses the folder without trust_remote_code rather
+        # than compute the model with no gates
+        module = os.path.splitext(os.path.basename(GATED_MODELING_FILE))[0]
+        config["architectures"] = ["GatedQwen3ForCausalLM"]
+        config["model_type"] = "gated_qwen3"
+        config["auto_map"] = {"AutoConfig": f"{module}.GatedQwen3Config",
+                              "AutoModelForCausalLM": f"{module}.GatedQwen3ForCausalLM"}
     return config
 
 
@@ -164,7 +176,8 @@ def write_gpt2_tokenizer(out_dir: str, max_length: int):
 
 
 def export(checkpoint_path: str, out_dir: str) -> dict:
-    """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir; returns the config."""
+    """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir, and for a gated model
+    modeling_gated_qwen3.py; returns the config."""
     path = find_checkpoint(checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(path, "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
@@ -180,12 +193,10 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
                       {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
     write_gpt2_tokenizer(out_dir, cfg.seq_len)
+    if cfg.gate == "head":
+        shutil.copyfile(GATED_MODELING_FILE, os.path.join(out_dir, os.path.basename(GATED_MODELING_FILE)))
     attention = f"sliding window {args.window}" if args.window > 0 else "full causal"
     print(f"exported {path} (step {checkpoint['step']}, {attention}, gate {args.gate}) to {out_dir}")
-    if cfg.gate == "head":
-        print("warning: the head gates are exported as model.layers.{i}.self_attn.gate.weight and .bias, but stock "
-              "transformers has no head gate: it ignores them (and warns about unused weights), so its logits are "
-              "those of the model with every gate at 1, not the trained model's", file=sys.stderr)
     return config
 
 

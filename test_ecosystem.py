@@ -1,10 +1,14 @@
-"""Export to Hugging Face transformers (export_hf.py) and sampling (sample.py), on tiny random models, on the CPU.
+"""Export to Hugging Face transformers (export_hf.py) and sampling (sample.py), on tiny random or briefly trained
+models, on the CPU.
 
     python -m pytest -q test_ecosystem.py
 
 The transformers tests are skipped when transformers is not installed.
 """
+import ast
 import dataclasses
+import glob
+import io
 import json
 import os
 import struct
@@ -18,12 +22,14 @@ import torch
 import export_hf
 import sample
 import train_gpt as tg
-from test_train import HERE
+from test_train import HERE, SAMPLE_TRAIN, SAMPLE_VAL, only_run_dir
 
 CPU = torch.device("cpu")
 TINY = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 WINDOW = 8
 PROMPT = "It is a truth universally acknowledged"
+VOCAB = tg.Hyperparameters().vocab_size  # the padded vocabulary the tiny models keep
+ARMS = [(0, "none"), (WINDOW, "none"), (0, "head"), (WINDOW, "head")]  # (window, gate): baseline, window, gate, both
 
 
 def make_checkpoint(path, **flags):
@@ -41,6 +47,26 @@ def make_checkpoint(path, **flags):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
     return model.eval(), args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(window, gate): the run directory of the tiny model trained for 20 steps of 256 tokens on the Austen
+    sample (a few seconds), which moves its gates off 0.5; each arm is trained once per module."""
+    runs = {}
+
+    def run_dir(window, gate):
+        if (window, gate) not in runs:
+            log_dir = tmp_path_factory.mktemp(f"trained-{window}-{gate}")
+            tg.main(["--train-files", SAMPLE_TRAIN, "--val-files", SAMPLE_VAL, "--log-dir", str(log_dir),
+                     *[str(x) for name, value in TINY.items() for x in (tg.flag(name), value)],
+                     "--batch-tokens", "256", "--micro-batch-tokens", "256", "--val-tokens", "256", "--val-every", "0",
+                     "--steps", "20", "--warmup-steps", "2", "--cooldown-steps", "4", "--lr", "1e-2",
+                     "--compile", "false", "--window", str(window), "--gate", gate])
+            runs[window, gate] = only_run_dir(log_dir)
+        return runs[window, gate]
+
+    return run_dir
 
 
 def our_logits(model, window, idx):
@@ -81,53 +107,79 @@ def test_export_names_every_weight_and_the_window(tmp_path):
         assert header[f"model.layers.{i}.self_attn.gate.weight"]["shape"] == [TINY["n_head"], TINY["d_model"]]
         assert header[f"model.layers.{i}.self_attn.gate.bias"]["shape"] == [TINY["n_head"]]
     assert "lm_head.weight" not in header and config["tie_word_embeddings"]
-    assert config["head_gate"] and config["sliding_window"] == WINDOW and config["use_sliding_window"]
+    assert config["sliding_window"] == WINDOW and config["use_sliding_window"]
     assert config["layer_types"] == ["sliding_attention"] * TINY["n_layer"]
+    assert config["model_type"] == "gated_qwen3" and config["architectures"] == ["GatedQwen3ForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "modeling_gated_qwen3.GatedQwen3Config",
+                                  "AutoModelForCausalLM": "modeling_gated_qwen3.GatedQwen3ForCausalLM"}
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "modeling_gated_qwen3.py"):
         assert (tmp_path / "hf" / name).exists()
+    # it travels alone with the weights, so it may import nothing but torch and transformers
+    tree = ast.parse((tmp_path / "hf" / "modeling_gated_qwen3.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in modules} == {"torch", "transformers"}
 
 
-def load_hf(path, attn_implementation):
+def test_ungated_export_is_plain_qwen3(tmp_path):
+    """A window-only model needs no code of ours: model type qwen3, no auto_map, no modeling file."""
+    make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
+    config = export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert "auto_map" not in config and not (tmp_path / "hf" / "modeling_gated_qwen3.py").exists()
+
+
+def load_hf(path, attn_implementation, trust_remote_code=False):
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
-@pytest.mark.parametrize("window, attn_implementation", [(0, "eager"), (0, "sdpa"), (WINDOW, "eager"),
-                                                         (WINDOW, "sdpa")])
-def test_transformers_logits_match(tmp_path, window, attn_implementation):
-    """Baseline and window-only: Qwen3 in transformers gives train_gpt.py's logits, on a sequence 5 windows long;
-    a window one token shorter or longer would not (the window convention)."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=window)
-    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    hf = load_hf(str(tmp_path / "hf"), attn_implementation)
-    assert type(hf).__name__ == "Qwen3ForCausalLM"
-    idx = torch.randint(0, 50257, (2, 5 * WINDOW), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        theirs = hf(idx).logits
-    difference = (our_logits(model, window, idx) - theirs).abs().max().item()
-    print(f"window {window}, {attn_implementation}: max abs logit difference {difference:.2e}")
-    assert difference < 1e-4
+@pytest.mark.parametrize("window, gate", ARMS)
+def test_transformers_logits_match(tmp_path, trained, window, gate):
+    """Trained baseline, window-only, gate-only and gated window models: transformers (Qwen3, or modeling_gated_qwen3.py
+    for a gated model) gives train_gpt.py's logits, in eager and sdpa attention, on validation text 5 windows long
+    (on text, unlike random ids, the briefly trained attention matters); a window one token shorter or longer, or
+    every gate at its initial 0.5, would not."""
+    run_dir = trained(window, gate)
+    model = sample.load_model(run_dir, CPU)
+    export_hf.export(run_dir, str(tmp_path / "hf"))
+    text = tg.load_shard(sorted(glob.glob(SAMPLE_VAL))[0], VOCAB)[:2 * 5 * WINDOW]
+    idx = torch.tensor(text.astype(np.int64)).view(2, 5 * WINDOW)
+    ours = our_logits(model, window, idx)
+    for attn_implementation in ("eager", "sdpa"):
+        hf = load_hf(str(tmp_path / "hf"), attn_implementation, trust_remote_code=gate == "head")
+        assert type(hf).__name__ == ("GatedQwen3ForCausalLM" if gate == "head" else "Qwen3ForCausalLM")
+        with torch.no_grad():
+            theirs = hf(idx).logits
+        difference = (ours - theirs).abs().max().item()
+        print(f"window {window}, gate {gate}, {attn_implementation}: max abs logit difference {difference:.2e}")
+        assert difference < 1e-4
     if window:
         for other in (window - 1, window + 1):
             assert (our_logits(model, other, idx) - theirs).abs().max() > 1e-2
+    if gate == "head":
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.gate.weight.zero_()
+                block.attn.gate.bias.zero_()
+        assert (our_logits(model, window, idx) - theirs).abs().max() > 1e-2
 
 
-def test_transformers_loads_a_gated_model_without_its_gates(tmp_path):
-    """Stock transformers ignores the exported gates: it computes the model with every gate at 1."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
+def test_transformers_refuses_a_gated_model_without_trust_remote_code(tmp_path, monkeypatch):
+    """Without trust_remote_code, transformers' own error (after its prompt, answered with the default "no"), not a
+    Qwen3 model without gates; the tokenizer still loads."""
+    transformers = pytest.importorskip("transformers")
+    make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head")
     export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    hf = load_hf(str(tmp_path / "hf"), "sdpa")
-    idx = torch.randint(0, 50257, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        theirs = hf(idx).logits
-        assert (our_logits(model, WINDOW, idx) - theirs).abs().max() > 1e-2
-        for block in model.blocks:
-            block.attn.gate.weight.zero_()
-            block.attn.gate.bias.fill_(100.0)  # sigmoid(100) is 1 in float32
-    assert (our_logits(model, WINDOW, idx) - theirs).abs().max() < 1e-4
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    for kwargs in ({}, {"trust_remote_code": False}):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert tokenizer("It is")["input_ids"] == sample.gpt2_encoding().encode_ordinary("It is")
 
 
 def test_exported_tokenizer_matches_tiktoken(tmp_path):
@@ -162,13 +214,14 @@ def test_greedy_sampling_equals_greedy_by_hand(tmp_path):
     assert new == greedy_by_hand(model, WINDOW, prompt, 80)
 
 
-def test_transformers_generate_equals_greedy_sampling(tmp_path):
-    """transformers' greedy generate (with its KV cache and sliding window) continues a prompt as sample.py does,
-    within seq_len, where sample.py does not crop."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
-    export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    hf = load_hf(str(tmp_path / "hf"), "sdpa")
-    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"])
+@pytest.mark.parametrize("gate", ["none", "head"])
+def test_transformers_generate_equals_greedy_sampling(tmp_path, trained, gate):
+    """transformers' greedy generate (with its KV cache and sliding window, and for a gated model the gates) continues
+    a prompt past the window as sample.py does, within seq_len, where sample.py does not crop."""
+    run_dir = trained(WINDOW, gate)
+    export_hf.export(run_dir, str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"), "sdpa", trust_remote_code=gate == "head")
+    new = sample.main([run_dir, "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"])
     prompt = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
     hf.generation_config.pad_token_id = tg.BOS_ID
     out = hf.generate(prompt, max_new_tokens=30, do_sample=False, suppress_tokens=list(range(50257, 50304)))
