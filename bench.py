@@ -255,6 +255,8 @@ def kernel_kind(name: str) -> str:
     name = name.lower()
     if "flex" in name or "flash" in name:  # FlexAttention's Triton kernels; FlashAttention-4's CuTe ones
         return "attention"
+    if "cross_entropy" in name:  # liger-kernel's fused loss (inductor's own loss kernels are named by their ops)
+        return "loss"
     # triton_tem: inductor's other Triton templates are matrix products (under mode="max-autotune")
     if any(s in name for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) or name.startswith("triton_tem"):
         return "matrix products"

@@ -4,7 +4,10 @@ import pytest
 import bench
 
 
-@pytest.mark.parametrize("name, kind", [  # kernel names from a profiled gated step (H200, torch 2.11)
+@pytest.mark.parametrize("name, kind", [  # kernel names from profiled gated steps (H200, torch 2.11)
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at__tensor0000o1", "attention"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_bwd_postprocessFlashAttentionBackwardPostprocess_object_at", "attention"),
+    ("liger_cross_entropy_kernel", "loss"),
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matrix products"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_32x3_nn_align2>(cutlass_80_tensorop_bf1",
      "matrix products"),
