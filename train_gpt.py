@@ -227,6 +227,8 @@ def flash_attention_4():
     return interface, ""
 
 
+# FlashAttention-4's public flash_attn_func is an autograd.Function, which a custom op cannot hold, so these two ops call
+# its forward and backward functions, _flash_attn_fwd and _flash_attn_bwd, of the pinned version (README's set-up)
 @torch.library.custom_op("gated_swa::fa4_forward", mutates_args=())
 def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-4 on (B, T, H, D) tensors, causal, window (left, 0) (left < 0: none). An opaque op to
