@@ -150,10 +150,10 @@ def loss_variants():
         return F.cross_entropy(F.linear(x, weight).float(), targets)
 
     variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain)}
-    if tg.FUSED_CROSS_ENTROPY is None:
+    if tg.fused_cross_entropy() is None:
         print("liger-kernel: not installed")
     else:
-        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.FUSED_CROSS_ENTROPY(
+        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.fused_cross_entropy()(
             weight, x, targets)
     return variants
 
@@ -197,8 +197,9 @@ STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=W
 
 
 def build_step(args: tg.Hyperparameters, backend: str, device):
-    """One training step as train_gpt.py's loop runs it, with one micro-step."""
+    """One training step as train_gpt.py's loop runs it (with --loss, default auto), with one micro-step."""
     raw_model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
+    raw_model.loss = tg.choose_loss(args.loss, device)[0]
     model = torch.compile(raw_model, dynamic=False)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     masks = raw_model.masks(args.seq_len, device, backend)
@@ -216,7 +217,7 @@ def build_step(args: tg.Hyperparameters, backend: str, device):
     return step, tg.training_flops_per_token(raw_model.cfg, sum(p.numel() for p in raw_model.parameters()))
 
 
-def step_table(seq_lens, tokens: int, backends, presets, peak_tflops: float, profile: str, device):
+def step_table(seq_lens, tokens: int, backends, presets, loss: str, peak_tflops: float, profile: str, device):
     rows = []
     for T in seq_lens:
         for backend in backends:
@@ -225,7 +226,7 @@ def step_table(seq_lens, tokens: int, backends, presets, peak_tflops: float, pro
                     if not name.startswith(backend + ":"):
                         continue
                     name = name.split(":")[1]
-                args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, **STEP_VARIANTS[name])
+                args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, loss=loss, **STEP_VARIANTS[name])
                 step, flops = build_step(args, backend, device)
                 torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
@@ -244,7 +245,7 @@ def step_table(seq_lens, tokens: int, backends, presets, peak_tflops: float, pro
                     print_profile(step)
                 del step
                 torch.cuda.empty_cache()
-    print(f"\nTraining step of the default model (compiled, AdamW), {tokens:,} tokens per step, "
+    print(f"\nTraining step of the default model (compiled, AdamW, --loss {loss}), {tokens:,} tokens per step, "
           f"MFU over {peak_tflops:.0f} TFLOP/s")
     print("| seq len | attention | preset | ms/step | tokens/s | MFU | peak memory (GB) |\n|---|---|---|---|---|---|---|")
     print("\n".join(rows))
@@ -291,6 +292,7 @@ def main():
                                                          "1024,4096,8192,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--backends", default="flex,fa4", help="attention backends to time, comma-separated")
+    parser.add_argument("--loss", default="auto", help="the step table's loss: auto, plain or fused (train_gpt.py's)")
     parser.add_argument("--presets", default="baseline,window,gated",
                         help="step table rows, comma-separated: PRESET (every backend) or BACKEND:PRESET")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
@@ -313,7 +315,7 @@ def main():
     if "loss" in args.tables:
         loss_table(args.tokens, device)
     if "step" in args.tables:
-        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","),
+        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","), args.loss,
                    args.peak_tflops, args.profile, device)
 
 

@@ -58,6 +58,8 @@ def hf_state_dict(state: dict, n_layer: int) -> dict:
     return {names[name]: tensor for name, tensor in state.items()}
 
 
+# the gates GatedQwen3Attention computes: one per head (started at 0.5 or near 1, with or without b_g)
+HEAD_GATES = ("head", "head-open", "head-nobias")
 # a gated model's own model class, copied beside its weights; its classes keep their names in auto_map
 GATED_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_gated_qwen3.py")
 
@@ -91,7 +93,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "max_window_layers": 0,
         "layer_types": [("sliding_attention" if window > 0 else "full_attention")] * cfg.n_layer,
     }
-    if cfg.gate == "head":
+    if cfg.gate in HEAD_GATES:
         # GatedQwen3Config's model type, so that transformers refuses the folder without trust_remote_code rather
         # than compute the model with no gates
         module = os.path.splitext(os.path.basename(GATED_MODELING_FILE))[0]
@@ -184,16 +186,23 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     if args.gate == "mix":
         raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "
                          f"place for; export a none or head model")
+    if args.gate not in ("none", *HEAD_GATES):
+        raise ValueError(f"{path}: a --gate {args.gate} model has a gate per channel, which modeling_gated_qwen3.py "
+                         f"does not have; export a none or head model, or sample it with sample.py")
     cfg = ModelConfig.from_args(args)
     config = hf_config(cfg)
-    tensors = hf_state_dict(checkpoint["model"], cfg.n_layer)
+    state = dict(checkpoint["model"])
+    if cfg.gate == "head-nobias":  # a zero bias is no bias: the head gate's layout
+        for i in range(cfg.n_layer):
+            state[f"blocks.{i}.attn.gate.bias"] = torch.zeros(cfg.n_head)
+    tensors = hf_state_dict(state, cfg.n_layer)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
                       {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
     write_gpt2_tokenizer(out_dir, cfg.seq_len)
-    if cfg.gate == "head":
+    if cfg.gate in HEAD_GATES:
         shutil.copyfile(GATED_MODELING_FILE, os.path.join(out_dir, os.path.basename(GATED_MODELING_FILE)))
     attention = f"sliding window {args.window}" if args.window > 0 else "full causal"
     print(f"exported {path} (step {checkpoint['step']}, {attention}, gate {args.gate}) to {out_dir}")

@@ -137,6 +137,15 @@ def test_attention_backend_flag_checks():
         assert tg.choose_attention_backend(requested, tg.ModelConfig(), CPU) == ("sdpa", "")
 
 
+def test_loss_flag_checks():
+    with pytest.raises(ValueError, match="--loss 'liger': use auto, plain or fused"):
+        tg.check_config(tg.parse_args(["--loss", "liger"]), world_size=1)
+    with pytest.raises(ValueError, match="--loss fused cannot run here: the device is the CPU"):
+        tg.choose_loss("fused", CPU)
+    for requested in ("auto", "plain"):
+        assert tg.choose_loss(requested, CPU) == ("plain", "")
+
+
 # --- attention paths against the reference -------------------------------------------------------
 
 
@@ -212,6 +221,27 @@ def test_gate_starts_at_one_half():
     assert torch.equal(g, torch.full_like(g, 0.5))
 
 
+@pytest.mark.parametrize("gate, width, bias, start", [("channel", 16, True, 0.5), ("head-nobias", 1, False, 0.5),
+                                                       ("head-open", 1, True, 1 / (1 + math.exp(-3)))])
+def test_gate_variants_shape_bias_and_start(gate, width, bias, start):
+    """Per channel (n_head x head_dim gates), without b_g, or started at b_g = 3; every other weight as the head
+    gate's model for one seed."""
+    def model(gate):
+        torch.manual_seed(1)
+        return tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=8)))
+
+    variant, head = model(gate), model("head")
+    g = variant.blocks[0].attn.gate(torch.randn(2, 10, 64))
+    assert g.shape == (2, 10, 4, width) and torch.allclose(g, torch.full_like(g, start))
+    assert (variant.blocks[0].attn.gate.bias is not None) == bias
+    theirs = head.state_dict()
+    for name, value in variant.state_dict().items():
+        if ".attn.gate." not in name:
+            assert torch.equal(value, theirs[name]), name
+    idx = torch.randint(0, 50257, (2, 96))
+    assert math.isfinite(variant(idx, idx, variant.masks(96, CPU)).item())
+
+
 def test_zero_gate_removes_exactly_that_head():
     """Closing head h's gate equals deleting head h's columns of o_proj, with every other head unchanged."""
     cfg, module = gated_attention_module()
@@ -279,7 +309,7 @@ def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
 
 def uniform_attention_model(gate, window, T=40):
     """A tiny model whose queries are 0, so every query spreads its attention evenly over the keys it sees;
-    its gates are the constants sigmoid(bias[h])."""
+    its gates are the constants sigmoid(bias[h]) (each of head h's channels, for --gate channel)."""
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=window, seq_len=T)))
     biases = torch.tensor([-3.0, -1.0, 1.0, 3.0])
@@ -288,11 +318,11 @@ def uniform_attention_model(gate, window, T=40):
             block.attn.q_proj.weight.zero_()
             if block.attn.gate is not None:
                 block.attn.gate.weight.zero_()
-                block.attn.gate.bias.copy_(biases)
+                block.attn.gate.bias.copy_(biases.repeat_interleave(block.attn.gate.width))
     return model, torch.sigmoid(biases)
 
 
-@pytest.mark.parametrize("gate, window", [("none", 0), ("none", 8), ("head", 8), ("mix", 8)])
+@pytest.mark.parametrize("gate, window", [("none", 0), ("none", 8), ("head", 8), ("mix", 8), ("channel", 8)])
 def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(gate, window):
     T = 40
     model, g = uniform_attention_model(gate, window, T)
@@ -453,7 +483,8 @@ def test_gpu_fa4_forward_backward_match_reference(T, window):
             assert (a - b).norm() / b.norm() < BF16, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or tg.FUSED_CROSS_ENTROPY is None, reason="needs CUDA and liger-kernel")
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.fused_cross_entropy() is None,
+                    reason="needs CUDA and liger-kernel")
 def test_gpu_fused_loss_equals_the_plain_loss():
     """The fused loss GPT.forward takes on CUDA against the plain loss on the same bf16 logits."""
     device = torch.device("cuda")
@@ -461,7 +492,7 @@ def test_gpu_fused_loss_equals_the_plain_loss():
     weight = (0.05 * torch.randn(50304, 768, device=device)).requires_grad_()
     targets = torch.randint(0, 50257, (10000,), device=device)
     results = []
-    for loss_fn in (lambda x, w, t: tg.FUSED_CROSS_ENTROPY(w.bfloat16(), x.bfloat16(), t),
+    for loss_fn in (lambda x, w, t: tg.fused_cross_entropy()(w.bfloat16(), x.bfloat16(), t),
                     lambda x, w, t: F.cross_entropy((x.bfloat16() @ w.bfloat16().T).float(), t)):
         loss = loss_fn(x, weight, targets)
         (2.5 * loss).backward()
@@ -480,6 +511,7 @@ def test_gpu_compiled_default_model_fa4_equals_flex():
     args = tg.Hyperparameters(window=256, gate="head")
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
+    model.loss = tg.choose_loss("auto", device)[0]
     with torch.no_grad():  # trained-like gates
         for block in model.blocks:
             block.attn.gate.weight.normal_(std=0.05)

@@ -30,6 +30,7 @@ WINDOW = 8
 PROMPT = "It is a truth universally acknowledged"
 VOCAB = tg.Hyperparameters().vocab_size  # the padded vocabulary the tiny models keep
 ARMS = [(0, "none"), (WINDOW, "none"), (0, "head"), (WINDOW, "head")]  # (window, gate): baseline, window, gate, both
+GATE_VARIANTS = [(WINDOW, "head-nobias"), (WINDOW, "head-open")]  # exported as the head gate (a zero bias is none)
 
 
 def make_checkpoint(path, **flags):
@@ -137,7 +138,7 @@ def load_hf(path, attn_implementation, trust_remote_code=False):
     return model.eval()
 
 
-@pytest.mark.parametrize("window, gate", ARMS)
+@pytest.mark.parametrize("window, gate", ARMS + GATE_VARIANTS)
 def test_transformers_logits_match(tmp_path, trained, window, gate):
     """Trained baseline, window-only, gate-only and gated window models: transformers (Qwen3, or modeling_gated_qwen3.py
     for a gated model) gives train_gpt.py's logits, in eager and sdpa attention, on validation text 5 windows long
@@ -150,8 +151,8 @@ def test_transformers_logits_match(tmp_path, trained, window, gate):
     idx = torch.tensor(text.astype(np.int64)).view(2, 5 * WINDOW)
     ours = our_logits(model, window, idx)
     for attn_implementation in ("eager", "sdpa"):
-        hf = load_hf(str(tmp_path / "hf"), attn_implementation, trust_remote_code=gate == "head")
-        assert type(hf).__name__ == ("GatedQwen3ForCausalLM" if gate == "head" else "Qwen3ForCausalLM")
+        hf = load_hf(str(tmp_path / "hf"), attn_implementation, trust_remote_code=gate != "none")
+        assert type(hf).__name__ == ("GatedQwen3ForCausalLM" if gate != "none" else "Qwen3ForCausalLM")
         with torch.no_grad():
             theirs = hf(idx).logits
         difference = (ours - theirs).abs().max().item()
@@ -238,6 +239,19 @@ def test_mix_model_samples_but_is_not_exported(tmp_path):
         logits = model.logits(ids, model.masks(ids.size(1), CPU))
     assert new[0] == int(logits[0, -1, :50257].argmax())
     with pytest.raises(ValueError, match="--gate mix"):
+        export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_channel_gate_samples_but_is_not_exported(tmp_path):
+    """A gate per channel (--gate channel) samples like any model; export_hf.py refuses it, naming the gate."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="channel")
+    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
+    ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
+    with torch.no_grad():
+        logits = model.logits(ids, model.masks(ids.size(1), CPU))
+    assert new[0] == int(logits[0, -1, :50257].argmax())
+    with pytest.raises(ValueError, match="a --gate channel model has a gate per channel"):
         export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
 

@@ -20,7 +20,9 @@ with open(__file__) as f:
 import argparse
 import dataclasses
 import datetime
+import functools
 import glob
+import importlib.metadata
 import json
 import math
 import os
@@ -60,7 +62,8 @@ class ModelConfig:
     # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
     gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
-    # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g)
+    # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g); the head gate's
+    # variants "channel", "head-nobias" and "head-open" (Gate)
 
     @classmethod
     def from_args(cls, args: "Hyperparameters") -> "ModelConfig":
@@ -89,6 +92,8 @@ class Hyperparameters(ModelConfig):
     # speed: the same model and training on every choice
     attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
     # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
+    loss: str = "auto"  # "fused" (liger-kernel's linear cross-entropy: a quarter of the memory), "plain", or "auto":
+    # fused where it can run (CUDA, liger-kernel installed), else plain
     compile: bool = True  # torch.compile the model (CUDA only)
     # evaluation and logging
     val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
@@ -178,14 +183,18 @@ class FlashWindow:
 def flash_window(mask_mod, seq_len: int, device) -> Optional[FlashWindow]:
     """FlashAttention-4's window_size = (left, 0) that gives exactly mask_mod's visibility at this length, read off
     the rule itself; None where no band does (a rule that is not a causal sliding window)."""
-    visible = dense_mask(mask_mod, seq_len, device)
-    i, j = torch.arange(seq_len, device=device)[:, None], torch.arange(seq_len, device=device)[None, :]
-    if not visible.any() or (visible & (j > i)).any():
-        return None
-    left = int((i - j)[visible].max())
-    band = (j <= i) & (i - j <= left)
-    if not torch.equal(band, visible):
-        return None
+    rows, j = 1024, torch.arange(seq_len, device=device)[None, :]  # (1024, T) slices, as in visible_pairs
+    left = -1
+    for r in range(0, seq_len, rows):  # the widest reach back of any query
+        i = torch.arange(r, min(r + rows, seq_len), device=device)[:, None]
+        visible = dense_mask(mask_mod, seq_len, device, slice(r, r + rows))
+        if (visible & (j > i)).any():
+            return None
+        left = max(left, int(torch.where(visible, i - j, -1).max()))
+    for r in range(0, seq_len, rows):  # and every query sees exactly that band
+        i = torch.arange(r, min(r + rows, seq_len), device=device)[:, None]
+        if not torch.equal(dense_mask(mask_mod, seq_len, device, slice(r, r + rows)), (j <= i) & (i - j <= left)):
+            return None
     return FlashWindow(None if left == seq_len - 1 else left)
 
 
@@ -242,7 +251,7 @@ def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) ->
 @fa4_forward.register_fake
 def _(q, k, v, left):
     B, T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("gated_swa::fa4_backward", mutates_args=())
@@ -256,7 +265,7 @@ def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
 
 @fa4_backward.register_fake
 def _(q, k, v, out, grad_out, lse, left):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fa4_setup_context(ctx, inputs, output):
@@ -301,8 +310,9 @@ def choose_attention_backend(requested: str, cfg: ModelConfig, device: torch.dev
     if not reason and cfg.head_dim not in (64, 96, 128):
         reason = f"--head-dim {cfg.head_dim}: FlashAttention-4 on Hopper takes 64, 96 or 128"
     if requested == "fa4" and reason:
-        raise ValueError(f"--attention-backend fa4 cannot run here: {reason}; install flash-attn-4 with the "
-                         f"README's optional pip line on a Hopper or newer GPU, or use --attention-backend flex")
+        hint = ("install flash-attn-4 with the README's optional pip line on a Hopper or newer GPU, or "
+                if "import" in reason or "GPU" in reason or "CPU" in reason else "")
+        raise ValueError(f"--attention-backend fa4 cannot run here: {reason}; {hint}use --attention-backend flex")
     if device.type != "cuda":  # FlexAttention has no backward on the CPU
         return "sdpa", ""
     return ("flex", f"attention backend flex, not fa4: {reason}") if reason else ("fa4", "")
@@ -326,26 +336,35 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class Gate(nn.Module):
-    """The head gate: g[b, t, h] = sigmoid(W_g x[b, t] + b_g)[h], in (0, 1), from the attention's normed input x.
+GATES = ("none", "head", "mix", "channel", "head-nobias", "head-open")  # --gate's values; Gate says what each does
 
-    It starts with W_g = 0 and b_g = 0: every gate is 0.5, the sigmoid's steepest point, so it learns fastest
-    there and starts from no preference between heads or tokens; the constant factor 0.5 is absorbed by o_proj.
-    (A gate started near 1 would make the gated model start as window-only, but its gradient would be about 5x
-    smaller.)"""
+
+class Gate(nn.Module):
+    """The gate on the attention output, from the attention's normed input x: g = sigmoid(W_g x + b_g), in (0, 1).
+
+    --gate head (the paper's, and mix's): one gate per head and token. It starts with W_g = 0 and b_g = 0: every gate
+    is 0.5, the sigmoid's steepest point, so it learns fastest there and starts from no preference between heads or
+    tokens; the constant factor 0.5 is absorbed by o_proj. The variants, for the study of which part matters:
+    channel, one gate per channel of each head (n_head x head_dim outputs, the elementwise gate of Qwen's gated
+    attention); head-nobias, no b_g; head-open, started at b_g = 3 (g = 0.95), so the model starts almost as the
+    window-only one, though with a gradient about 5x smaller (sigmoid's slope 0.045 against 0.25)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.n_head, cfg.d_model))
-        self.bias = nn.Parameter(torch.empty(cfg.n_head))
+        self.n_head, self.width = cfg.n_head, cfg.head_dim if cfg.gate == "channel" else 1
+        self.weight = nn.Parameter(torch.empty(cfg.n_head * self.width, cfg.d_model))
+        self.bias = None if cfg.gate == "head-nobias" else nn.Parameter(torch.empty(cfg.n_head * self.width))
+        self.initial_bias = 3.0 if cfg.gate == "head-open" else 0.0
 
     def init_parameters(self):
         nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.bias is not None:
+            nn.init.constant_(self.bias, self.initial_bias)
 
     def forward(self, x):
-        """x (B, T, d_model) -> g (B, T, H, 1), to scale each head's output (B, T, H, D)."""
-        return torch.sigmoid(F.linear(x, self.weight, self.bias)).unsqueeze(-1)
+        """x (B, T, d_model) -> g (B, T, H, 1), or (B, T, H, D) per channel, to scale each head's output (B, T, H, D)."""
+        B, T, _ = x.shape
+        return torch.sigmoid(F.linear(x, self.weight, self.bias)).view(B, T, self.n_head, self.width)
 
 
 def gate_mix(g, local, full):
@@ -391,7 +410,7 @@ class Attention(nn.Module):
         if self.gate_kind == "mix":
             y = gate_mix(g, y, attention(q, k, v, masks.full).transpose(1, 2))
         elif g is not None:
-            y = y * g  # fused by torch.compile into the copy that lays y out for o_proj
+            y = y * g  # on flex, fused by torch.compile into the copy that lays y out for o_proj
         if self.observer is not None:  # the weights the output is made of (--gate head scales the output instead)
             weights = attention_weights(q, k, masks.local)
             if self.gate_kind == "mix":
@@ -431,6 +450,7 @@ class GPT(nn.Module):
         # gives models with and without a gate the same values of every other weight
         rng_state = torch.get_rng_state()
         self.cfg = cfg
+        self.loss = "plain"  # or "fused": which loss forward computes (choose_loss); the value is the same
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
@@ -485,26 +505,23 @@ class GPT(nn.Module):
         """idx: (B, T) token ids; returns the next-token logits (B, T, vocab_size)."""
         return F.linear(self.hidden(idx, masks), self.embed.weight)  # tied output layer
 
-    @staticmethod
-    def loss_kind(device) -> str:
-        """The loss forward computes on `device`, as runs record it: "fused" (liger-kernel's, on CUDA where it is
-        installed) or "plain"."""
-        return "fused" if torch.device(device).type == "cuda" and FUSED_CROSS_ENTROPY is not None else "plain"
-
     def forward(self, idx, targets, masks: AttentionMasks):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. The fused loss computes the
-        logits a chunk of tokens at a time, so the (B * T, vocab) float32 logits never exist at once: the same
-        value and gradients, in a quarter of the memory (bench.py's loss table)."""
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With self.loss "fused"
+        (choose_loss) it is liger-kernel's fused linear cross-entropy, which computes the logits a chunk of tokens at
+        a time, so the (B * T, vocab) float32 logits never exist at once: the same value, gradients within bf16
+        rounding, in a quarter of the memory (bench.py's loss table)."""
         x = self.hidden(idx, masks)
-        if self.loss_kind(x.device) == "fused":
-            return FUSED_CROSS_ENTROPY(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
-                                       targets.flatten())
+        if self.loss == "fused":
+            return fused_cross_entropy()(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
+                                         targets.flatten())
         logits = F.linear(x, self.embed.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+@functools.cache
 def fused_cross_entropy():
-    """liger-kernel's fused linear cross-entropy (optional, CUDA), or None where it does not import."""
+    """liger-kernel's fused linear cross-entropy (optional, CUDA), called as f(weight, x, targets); or None where it
+    does not import. Imported on first use, not with this file."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -513,7 +530,19 @@ def fused_cross_entropy():
     return torch.compiler.disable(LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32))
 
 
-FUSED_CROSS_ENTROPY = fused_cross_entropy()
+def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
+    """The loss --loss asks for ("fused" or "plain"), and a note on why when auto takes plain on a GPU. A fused loss
+    that cannot run is an error naming the flag."""
+    if requested == "plain":
+        return "plain", ""
+    reason = ("the device is the CPU" if device.type != "cuda"
+              else "liger-kernel does not import" if fused_cross_entropy() is None else "")
+    if requested == "fused" and reason:
+        raise ValueError(f"--loss fused cannot run here: {reason}; install liger-kernel with the README's optional pip "
+                         f"line on a CUDA GPU, or use --loss plain")
+    if device.type != "cuda":
+        return "plain", ""
+    return ("plain", f"loss plain, not fused: {reason}") if reason else ("fused", "")
 
 
 def attention_flops_per_token(cfg: ModelConfig) -> float:
@@ -699,9 +728,10 @@ PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention wei
 @torch.no_grad()
 def probe(model: GPT, idx) -> dict:
     """How the attention of `model` behaves on validation tokens idx (B, T), per layer, in float32:
-    gates (gated models): per head, the mean and standard deviation of g and the fractions under 0.1 and over
-    0.9; sinks: the mean share of attention a query puts on the sequence's first token, and on the first token
-    it sees (the oldest key of its window; the same token under full attention).
+    gates (gated models): per head, the mean and standard deviation of g (over tokens, and a channel gate's
+    channels) and the fractions under 0.1 and over 0.9; sinks: the mean share of attention a query puts on the
+    sequence's first token, and on the first token it sees (the oldest key of its window; the same token under
+    full attention).
     Each layer's Attention hands its gates and attention weights over from the forward pass itself (its
     observer), with dense masks: under --gate mix the weights are the mixture a head's output is made of; a
     --gate head gate scales the output, not the weights, so there they are the softmax's."""
@@ -714,9 +744,9 @@ def probe(model: GPT, idx) -> dict:
     gates, first_share, start_share = [[] for _ in range(n_layer)], [0.0] * n_layer, [0.0] * n_layer
 
     def observer(layer):
-        def observe(g, weights):  # g (B, T, H, 1) or None; weights (B, H, T, T)
-            if g is not None:
-                gates[layer].append(g.flatten(0, 1).flatten(1))
+        def observe(g, weights):  # g (B, T, H, 1 or D) or None; weights (B, H, T, T)
+            if g is not None:  # per head: its gates over tokens (and channels)
+                gates[layer].append(g.transpose(2, 3).reshape(-1, g.size(2)))
             first_share[layer] += weights[..., 0].sum().item()
             start_share[layer] += weights[:, :, queries, first_visible].sum().item()
         return observe
@@ -733,7 +763,7 @@ def probe(model: GPT, idx) -> dict:
     result = {"sinks": {"first_token": [round(s / n_queries, 5) for s in first_share],
                         "window_start": [round(s / n_queries, 5) for s in start_share]}}
     if model.cfg.gate != "none":
-        g = [torch.cat(values) for values in gates]  # per layer: (B * T, H)
+        g = [torch.cat(values) for values in gates]  # per layer: (B * T * gate width, H)
         stats = {"mean": lambda v: v.mean(0), "std": lambda v: v.std(0),
                  "below_0.1": lambda v: (v < 0.1).float().mean(0), "above_0.9": lambda v: (v > 0.9).float().mean(0)}
         result["gates"] = {name: [[round(value, 5) for value in stat(layer).tolist()] for layer in g]
@@ -778,7 +808,8 @@ def main(argv=None):
         resume_changes = check_resume(checkpoint, args, train_shards, world_size)
     cfg = ModelConfig.from_args(args)
     backend, backend_note = choose_attention_backend(args.attention_backend, cfg, device)
-    kernels = {"attention": backend, "loss": GPT.loss_kind(device)}
+    loss_kernel, loss_note = choose_loss(args.loss, device)
+    kernels = {"attention": backend, "loss": loss_kernel}
 
     run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
     if world_size > 1:  # every rank names the same checkpoint files in its messages
@@ -806,12 +837,14 @@ def main(argv=None):
         with open(os.path.join(run_dir, "env.json"), "w") as f:
             json.dump(env, f, indent=2)
     print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
-    if backend_note:
-        print0(backend_note)
+    for note in (backend_note, loss_note):
+        if note:
+            print0(note)
     print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
 
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg).to(device)
+    raw_model.loss = loss_kernel
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = training_flops_per_token(cfg, n_params)
     print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
@@ -965,7 +998,7 @@ CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rn
 # gradient sums changes, so the losses then agree to float rounding, not bit for bit.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch_tokens",
                         "train_files", "val_files", "val_tokens", "val_every", "log_dir", "run_name", "peak_tflops",
-                        "attention_backend", "compile", "save_every", "keep_checkpoints", "skip_nonfinite",
+                        "attention_backend", "loss", "compile", "save_every", "keep_checkpoints", "skip_nonfinite",
                         "dist_timeout")
 
 
@@ -1128,8 +1161,10 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     if args.attention_backend not in ("auto", "flex", "fa4"):
         problems.append(f"--attention-backend {args.attention_backend!r}: use auto, flex or fa4")
-    if args.gate not in ("none", "head", "mix"):
-        problems.append(f"--gate {args.gate!r}: use none, head or mix")
+    if args.loss not in ("auto", "plain", "fused"):
+        problems.append(f"--loss {args.loss!r}: use auto, plain or fused")
+    if args.gate not in GATES:
+        problems.append(f"--gate {args.gate!r}: use one of {', '.join(GATES)}")
     if args.gate == "mix" and not 0 < args.window < args.seq_len:
         problems.append(f"--gate mix mixes a window with full attention: give it a --window between 1 and "
                         f"--seq-len {args.seq_len}, not {args.window}")
@@ -1175,15 +1210,18 @@ def make_run_dir(log_dir: str, run_name: str) -> str:
 def environment(device: torch.device, world_size: int) -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "world_size": world_size, "argv": sys.argv}
+           "world_size": world_size, "argv": sys.argv, "kernel_packages": {}}
+    for package in ("flash-attn-4", "nvidia-cutlass-dsl", "liger-kernel"):  # the optional kernels, where installed
+        try:
+            env["kernel_packages"][package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if device.type == "cuda":
         try:
             env["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
         except OSError:
             env["nvidia_smi"] = None
     return env
-
-
 
 
 if __name__ == "__main__":
