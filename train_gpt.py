@@ -512,8 +512,8 @@ class GPT(nn.Module):
         rounding, in a quarter of the memory (bench.py's loss table)."""
         x = self.hidden(idx, masks)
         if self.loss == "fused":
-            return fused_cross_entropy()(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
-                                         targets.flatten())
+            return fused_linear_cross_entropy(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
+                                              targets.flatten())
         logits = F.linear(x, self.embed.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -526,8 +526,12 @@ def fused_cross_entropy():
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
-    # run as it is, outside torch.compile's graph: its host-side .item() and Triton launches do not trace
-    return torch.compiler.disable(LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32))
+    return LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
+
+
+@torch.compiler.disable  # run as it is, between compiled graphs: its host-side .item() and Triton launches do not trace
+def fused_linear_cross_entropy(weight, x, targets):
+    return fused_cross_entropy()(weight, x, targets)
 
 
 def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
