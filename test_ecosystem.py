@@ -229,29 +229,19 @@ def test_transformers_generate_equals_greedy_sampling(tmp_path, trained, gate):
     assert out[0, prompt.size(1):].tolist() == new
 
 
-def test_mix_model_samples_but_is_not_exported(tmp_path):
-    """sample.py runs both passes of --gate mix (greedy equals the argmax of the model's own logits); export_hf.py
-    refuses it, since Qwen3 has one attention per layer."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="mix")
+@pytest.mark.parametrize("gate, refusal", [("mix", "--gate mix"),
+                                           ("channel", "a --gate channel model has a gate per channel")])
+def test_mix_and_channel_gates_sample_but_are_not_exported(tmp_path, gate, refusal):
+    """sample.py runs both passes of --gate mix, and a gate per channel (greedy equals the argmax of the model's own
+    logits); export_hf.py refuses both, naming the gate: Qwen3 has one attention per layer, and
+    modeling_gated_qwen3.py one gate per head."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate=gate)
     new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
     ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
     with torch.no_grad():
         logits = model.logits(ids, model.masks(ids.size(1), CPU))
     assert new[0] == int(logits[0, -1, :50257].argmax())
-    with pytest.raises(ValueError, match="--gate mix"):
-        export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    assert not (tmp_path / "hf").exists()
-
-
-def test_channel_gate_samples_but_is_not_exported(tmp_path):
-    """A gate per channel (--gate channel) samples like any model; export_hf.py refuses it, naming the gate."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="channel")
-    new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
-    ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
-    with torch.no_grad():
-        logits = model.logits(ids, model.masks(ids.size(1), CPU))
-    assert new[0] == int(logits[0, -1, :50257].argmax())
-    with pytest.raises(ValueError, match="a --gate channel model has a gate per channel"):
+    with pytest.raises(ValueError, match=refusal):
         export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
 
