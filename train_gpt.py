@@ -168,10 +168,19 @@ def dense_mask(mask_mod, seq_len: int, device, rows=None) -> torch.Tensor:
     return mask_mod(None, None, q_idx[:, None], idx[None, :])
 
 
+MASK_ROWS = 1024  # query rows per slice, so that T = 16384 never needs T x T comparisons at once (2 GB)
+
+
+def mask_row_slices(mask_mod, seq_len: int, device):
+    """mask_mod a slice of MASK_ROWS query rows at a time: (their positions (R, 1), their rows (R, T))."""
+    for r in range(0, seq_len, MASK_ROWS):
+        rows = slice(r, r + MASK_ROWS)
+        yield torch.arange(seq_len, device=device)[rows, None], dense_mask(mask_mod, seq_len, device, rows)
+
+
 def visible_pairs(mask_mod, seq_len: int) -> int:
     """How many (query, key) pairs mask_mod lets attend at this length: the attention work MFU counts."""
-    rows = 1024  # a (1024, T) slice at a time, so T = 16384 needs no 2 GB of comparisons
-    return sum(int(dense_mask(mask_mod, seq_len, "cpu", slice(r, r + rows)).sum()) for r in range(0, seq_len, rows))
+    return sum(int(visible.sum()) for _, visible in mask_row_slices(mask_mod, seq_len, "cpu"))
 
 
 @dataclass(frozen=True)
@@ -183,17 +192,13 @@ class FlashWindow:
 def flash_window(mask_mod, seq_len: int, device) -> Optional[FlashWindow]:
     """FlashAttention-4's window_size = (left, 0) that gives exactly mask_mod's visibility at this length, read off
     the rule itself; None where no band does (a rule that is not a causal sliding window)."""
-    rows, j = 1024, torch.arange(seq_len, device=device)[None, :]  # (1024, T) slices, as in visible_pairs
-    left = -1
-    for r in range(0, seq_len, rows):  # the widest reach back of any query
-        i = torch.arange(r, min(r + rows, seq_len), device=device)[:, None]
-        visible = dense_mask(mask_mod, seq_len, device, slice(r, r + rows))
+    j, left = torch.arange(seq_len, device=device)[None, :], -1
+    for i, visible in mask_row_slices(mask_mod, seq_len, device):  # the widest reach back of any query
         if (visible & (j > i)).any():
             return None
         left = max(left, int(torch.where(visible, i - j, -1).max()))
-    for r in range(0, seq_len, rows):  # and every query sees exactly that band
-        i = torch.arange(r, min(r + rows, seq_len), device=device)[:, None]
-        if not torch.equal(dense_mask(mask_mod, seq_len, device, slice(r, r + rows)), (j <= i) & (i - j <= left)):
+    for i, visible in mask_row_slices(mask_mod, seq_len, device):  # and every query sees exactly that band
+        if not torch.equal(visible, (j <= i) & (i - j <= left)):
             return None
     return FlashWindow(None if left == seq_len - 1 else left)
 
