@@ -58,8 +58,9 @@ def hf_state_dict(state: dict, n_layer: int) -> dict:
     return {names[name]: tensor for name, tensor in state.items()}
 
 
-# the gates GatedQwen3Attention computes: one per head (started at 0.5 or near 1, with or without b_g)
-HEAD_GATES = ("head", "head-open", "head-nobias")
+# the gates GatedQwen3Attention computes: one per head (started at 0.5 or near 1, with or without b_g), and the
+# controls const and scalar, which are the head gate with W_g = 0 (and b_g = 0 for const: sigmoid(0) = 0.5)
+HEAD_GATES = ("head", "head-open", "head-nobias", "const", "scalar")
 # a gated model's own model class, copied beside its weights; its classes keep their names in auto_map
 GATED_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_gated_qwen3.py")
 
@@ -192,9 +193,11 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     cfg = ModelConfig.from_args(args)
     config = hf_config(cfg)
     state = dict(checkpoint["model"])
-    if cfg.gate == "head-nobias":  # a zero bias is no bias: the head gate's layout
-        for i in range(cfg.n_layer):
+    for i in range(cfg.n_layer):  # the head gate's layout: a zero bias is no bias, a zero W_g no input
+        if cfg.gate in ("head-nobias", "const"):
             state[f"blocks.{i}.attn.gate.bias"] = torch.zeros(cfg.n_head)
+        if cfg.gate in ("const", "scalar"):
+            state[f"blocks.{i}.attn.gate.weight"] = torch.zeros(cfg.n_head, cfg.d_model)
     tensors = hf_state_dict(state, cfg.n_layer)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

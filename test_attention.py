@@ -242,6 +242,36 @@ def test_gate_variants_shape_bias_and_start(gate, width, bias, start):
     assert math.isfinite(variant(idx, idx, variant.masks(96, CPU)).item())
 
 
+def test_const_and_scalar_gates_ignore_the_input():
+    """The controls: const scales every head's output by exactly 0.5 with no parameters (so its model is the
+    window-only model's with o_proj's output halved); scalar is the head gate with W_g = 0, a learned g = sigmoid(b_h)
+    per head that starts at 0.5 and gets a gradient."""
+    def model(gate):
+        torch.manual_seed(1)
+        return tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=8)))
+
+    const, scalar, head, none = model("const"), model("scalar"), model("head"), model("none")
+    assert const.state_dict().keys() == none.state_dict().keys()
+    assert {k for k in scalar.state_dict() if k not in none.state_dict()} == {"blocks.0.attn.gate.bias",
+                                                                             "blocks.1.attn.gate.bias"}
+    x, T = torch.randn(2, 12, 64), 12
+    cos, sin = tg.rotary_tables(16, T, 10000.0)
+    masks = tg.AttentionMasks(dense(8, T))
+    with torch.no_grad():
+        for p in scalar.blocks[0].attn.gate.parameters():
+            p.normal_()
+        head.load_state_dict(scalar.state_dict(), strict=False)  # every weight but W_g, which stays 0
+        halved = 0.5 * none.blocks[0].attn(x, cos, sin, masks)
+        torch.testing.assert_close(const.blocks[0].attn(x, cos, sin, masks), halved, atol=0, rtol=0)
+        torch.testing.assert_close(scalar.blocks[0].attn(x, cos, sin, masks), head.blocks[0].attn(x, cos, sin, masks))
+    g = scalar.blocks[0].attn.gate(x)
+    assert g.shape == (2, 12, 4, 1)
+    assert torch.equal(g, g[:1, :1].expand_as(g)) and not torch.allclose(g[0, 0, 0], g[0, 0, 1])
+    idx = torch.randint(0, 50257, (2, 24))
+    scalar(idx, idx, scalar.masks(24, CPU)).backward()
+    assert scalar.blocks[1].attn.gate.bias.grad.abs().min() > 0
+
+
 def test_zero_gate_removes_exactly_that_head():
     """Closing head h's gate equals deleting head h's columns of o_proj, with every other head unchanged."""
     cfg, module = gated_attention_module()

@@ -30,7 +30,7 @@ WINDOW = 8
 PROMPT = "It is a truth universally acknowledged"
 VOCAB = tg.Hyperparameters().vocab_size  # the padded vocabulary the tiny models keep
 ARMS = [(0, "none"), (WINDOW, "none"), (0, "head"), (WINDOW, "head")]  # (window, gate): baseline, window, gate, both
-GATE_VARIANTS = [(WINDOW, "head-nobias"), (WINDOW, "head-open")]  # exported as the head gate (a zero bias is none)
+GATE_VARIANTS = [(WINDOW, g) for g in ("head-nobias", "head-open", "const", "scalar")]  # exported as the head gate
 
 
 def make_checkpoint(path, **flags):

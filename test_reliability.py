@@ -130,7 +130,7 @@ def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path)
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     assert tg.run_checkpoints(run_dir) == [tg.checkpoint_path(run_dir, 4), tg.checkpoint_path(run_dir, 5)]
     checkpoint = torch.load(tg.checkpoint_path(run_dir, 5), weights_only=True)
-    assert checkpoint.keys() == tg.CHECKPOINT_KEYS
+    assert checkpoint.keys() == tg.CHECKPOINT_KEYS | {"data_order"} and checkpoint["data_order"] == tg.DATA_ORDER
     assert checkpoint["step"] == 5 and checkpoint["data_position"] == 5 * 512
     assert checkpoint["config"]["d_model"] == 64 and checkpoint["world_size"] == 1
     assert checkpoint["train_shards"] == [["austen_train_000001.bin", 850000]]

@@ -2,6 +2,8 @@
 
     python -m pytest -q test_train.py
 """
+import glob
+import hashlib
 import json
 import math
 import os
@@ -14,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import train_gpt as tg
 
+CPU = torch.device("cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_TRAIN = os.path.join(HERE, "data/sample/austen_train_*.bin")
 SAMPLE_VAL = os.path.join(HERE, "data/sample/austen_val_*.bin")
@@ -109,29 +113,60 @@ def make_shards(tmp_path, lengths):
     return files
 
 
+def window_starts(inputs, T):
+    """Which windows a batch holds: make_shards' token values are stream offsets, and window w starts at w * T."""
+    return [int(row[0]) // T for row in inputs]
+
+
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_ranks_split_one_stream_that_reads_each_token_once_per_epoch(tmp_path, world_size):
-    """The ranks, in rank order, read exactly the shards end to end in each epoch's seeded order, which is
-    also what one process reads: no token twice within an epoch, none skipped, the same for any world size."""
-    lengths, seed = [5000, 3000, 700], 1
+def test_ranks_read_every_window_once_per_epoch_and_as_one_process_does(tmp_path, world_size):
+    """Over all ranks, each epoch reads every window of T + 1 tokens once (the windows span shard boundaries), in
+    an order that differs from epoch to epoch; one process reading the same micro-steps in turn gets the same
+    batches as the ranks, so the number of GPUs changes nothing of the data."""
+    lengths, B, T = [5000, 3000, 701], 2, 16
     files = make_shards(tmp_path, lengths)
-    cpu = torch.device("cpu")
-    shards = [tg.load_shard(f, 50304) for f in files]
-    stream = np.concatenate([shards[i] for epoch in range(4)
-                             for i in np.random.default_rng((seed, epoch)).permutation(len(files))])
-    single = tg.DataLoader(files, 2, 16, 0, 1, 50304, cpu, seed=seed)
-    ranks = [tg.DataLoader(files, 2, 16, r, world_size, 50304, cpu, seed=seed) for r in range(world_size)]
+    windows = (sum(lengths) - 1) // T
+    single = tg.DataLoader(files, B, T, 0, 1, 50304, CPU, seed=1)
+    ranks = [tg.DataLoader(files, B, T, r, world_size, 50304, CPU, seed=1) for r in range(world_size)]
     read = []
-    for _ in range(3 * sum(lengths) // (world_size * 32)):  # about three epochs of world_size ranks x 32 tokens
+    for _ in range(3 * windows // (world_size * B)):  # about three epochs
         for loader in ranks:
-            inputs, _ = loader.next_batch()
-            assert torch.equal(inputs, single.next_batch()[0])
-            read.append(inputs.flatten().numpy())
-    read = np.concatenate(read)
-    assert np.array_equal(read, stream[: len(read)])
-    epoch = sum(lengths)
-    for start in range(0, len(read) - epoch + 1, epoch):  # every token value is distinct within an epoch
-        assert len(np.unique(read[start : start + epoch])) == epoch
+            inputs, targets = loader.next_batch()
+            assert all(torch.equal(a, b) for a, b in zip((inputs, targets), single.next_batch()))
+            assert torch.equal(inputs[:, 1:], targets[:, :-1])
+            starts = window_starts(inputs, T)
+            assert torch.equal(inputs, torch.tensor([[s * T + t for t in range(T)] for s in starts]))
+            read += starts
+    epochs = [read[e * windows : (e + 1) * windows] for e in range(len(read) // windows)]
+    assert len(epochs) >= 2
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(windows))
+    assert epochs[0] != epochs[1]
+
+
+def test_data_seed_sets_the_order_and_validation_reads_in_order(tmp_path):
+    """Two seeds read different first batches, one seed the same each time; unseeded (validation), the windows come
+    in order: the stream itself, the same tokens as the shards end to end."""
+    files, T = make_shards(tmp_path, [3000, 2000]), 16
+
+    def first(seed):
+        return tg.DataLoader(files, 4, T, 0, 1, 50304, CPU, seed=seed).next_batch()[0]
+
+    assert torch.equal(first(0), first(0))
+    assert not torch.equal(first(0), first(1))
+    validation = tg.DataLoader(files, 4, T, 0, 1, 50304, CPU)
+    for step in range(3):
+        assert torch.equal(validation.next_batch()[0].flatten(), torch.arange(step * 4 * T, (step + 1) * 4 * T))
+
+
+def test_train_gpt_data_seed_defaults_to_seed(tmp_path):
+    """--data-seed changes the training data and leaves the initial weights; -1 (the default) reads as --seed does."""
+    first_losses = {}
+    for name, extra in {"seed0": [], "data1": ["--data-seed", "1"], "same": ["--data-seed", "0"]}.items():
+        tg.main(tiny_run(tmp_path / name, "--steps", "1", "--warmup-steps", "0", "--cooldown-steps", "0", "--val-every", "0",
+                            *extra))
+        first_losses[name] = read_metrics(only_run_dir(tmp_path / name))[0]["train_loss"]
+    assert first_losses["seed0"] == first_losses["same"] != first_losses["data1"]
 
 
 def test_loader_targets_are_inputs_shifted_by_one(tmp_path):
@@ -268,3 +303,55 @@ def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):
     done = run_sh(tmp_path, "compare", "--seeds", "0", "--lrs", "-1", "--log-dir", str(tmp_path), *tiny)
     assert done.returncode == 1
     assert "run baseline, seed 0, lr -1 failed" in done.stderr and "--lr -1.0: must be 0 or more" in done.stderr
+
+
+def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
+    """--eval-seq-lens evaluates the trained model on the same validation tokens cut into longer (or shorter)
+    sequences, with rotary tables continued past the training length: each loss equals the mean loss of the model
+    computed here by hand on those sequences, and is recorded in summary.json and metrics.jsonl."""
+    summary = tg.main(tiny_run(tmp_path, "--steps", "6", "--val-every", "0", "--window", "32", "--gate", "head",
+                               "--eval-seq-lens", "64,512"))
+    run_dir = only_run_dir(tmp_path)
+    losses = summary["val_loss_by_seq_len"]
+    assert list(losses) == ["128", "64", "512"] and losses["128"] == summary["val_loss"]
+    assert read_metrics(run_dir)[-1]["val_loss_by_seq_len"] == losses
+    with open(os.path.join(run_dir, "env.json")) as f:
+        recorded = json.load(f)["provenance"]
+    assert summary["provenance"] == {**recorded, "train_data": recorded["train_data"]["sha256"],
+                                     "val_data": recorded["val_data"]["sha256"]}
+    model = sample.load_model(run_dir, CPU)
+    tokens = torch.from_numpy(tg.load_shard(glob.glob(SAMPLE_VAL)[0], 50304)[:8193].astype(np.int64))
+    for length in (64, 512):
+        inputs, targets = tokens[:-1].view(-1, length), tokens[1:].view(-1, length)
+        with torch.no_grad():
+            by_hand = torch.stack([model(i, t, model.masks(length, CPU))
+                                   for i, t in zip(inputs.split(1024 // length), targets.split(1024 // length))])
+        assert math.isclose(losses[str(length)], by_hand.mean().item(), rel_tol=1e-5)
+    cos, sin = tg.rotary_tables(16, 512, 10000.0)
+    assert torch.equal(cos[:128], model.rope_cos) and torch.equal(sin[:128], model.rope_sin)
+
+
+@pytest.mark.parametrize("lengths, message", [("300", "300 does not divide --micro-batch-tokens 1024"),
+                                              ("2k", "give comma-separated lengths in tokens")])
+def test_eval_seq_lens_are_checked(lengths, message):
+    with pytest.raises(ValueError, match=message):
+        tg.check_config(tg.parse_args(tiny_run("/nonexistent", "--eval-seq-lens", lengths)), world_size=1)
+
+
+def test_provenance_names_the_commit_the_code_and_the_data(tmp_path):
+    """A run records the git commit with whether tracked files differ from it, this train_gpt.py's sha256, and per
+    data split its shards, token counts and a sha256 of the tokens; another shard changes the fingerprint."""
+    files = make_shards(tmp_path, [3000, 2000])
+    loader = tg.DataLoader(files, 2, 16, 0, 1, 50304, CPU)
+    found = tg.provenance(loader, loader)
+    head = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert found["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert found["git_dirty"] in ((True, False) if head.returncode == 0 else (None,))
+    with open(os.path.join(HERE, "train_gpt.py"), "rb") as f:
+        assert found["code_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    tokens = np.arange(5000, dtype=np.uint16).tobytes()
+    assert found["train_data"] == {"shards": [["t_train_000000.bin", 3000], ["t_train_000001.bin", 2000]],
+                                   "sha256": hashlib.sha256(tokens).hexdigest()}
+    (tmp_path / "other").mkdir()
+    other = tg.DataLoader(make_shards(tmp_path / "other", [3000, 2001]), 2, 16, 0, 1, 50304, CPU)
+    assert tg.provenance(other, other)["train_data"]["sha256"] != found["train_data"]["sha256"]

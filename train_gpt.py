@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -88,7 +89,8 @@ class Hyperparameters(ModelConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    seed: int = 0
+    seed: int = 0  # the initial weights, and the data order unless --data-seed is given
+    data_seed: int = -1  # the order in which training reads its windows (DataLoader); -1 = --seed
     # speed: the same model and training on every choice
     attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
     # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
@@ -97,6 +99,8 @@ class Hyperparameters(ModelConfig):
     compile: bool = True  # torch.compile the model (CUDA only)
     # evaluation and logging
     val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
+    eval_seq_lens: str = ""  # after the last step, also evaluate the same validation tokens cut into sequences of
+    # these lengths, e.g. "2048,4096,8192" (rotary tables and masks built for each); "" = none
     log_dir: str = "logs"  # each run gets a new subdirectory here
     run_name: str = "run"  # prefix of the run's directory name
     peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
@@ -341,7 +345,7 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-GATES = ("none", "head", "mix", "channel", "head-nobias", "head-open")  # --gate's values; Gate says what each does
+GATES = ("none", "head", "mix", "channel", "head-nobias", "head-open", "const", "scalar")  # --gate; Gate says what each does
 
 
 class Gate(nn.Module):
@@ -352,23 +356,32 @@ class Gate(nn.Module):
     tokens; the constant factor 0.5 is absorbed by o_proj. The variants, for the study of which part matters:
     channel, one gate per channel of each head (n_head x head_dim outputs, the elementwise gate of Qwen's gated
     attention); head-nobias, no b_g; head-open, started at b_g = 3 (g = 0.95), so the model starts almost as the
-    window-only one, though with a gradient about 5x smaller (sigmoid's slope 0.045 against 0.25)."""
+    window-only one, though with a gradient about 5x smaller (sigmoid's slope 0.045 against 0.25).
+    And two controls that ignore the input, for whether the gate's gain is only its scale: const, every head's output
+    times 0.5, the value the head gate starts at, with no parameters; scalar, a learned g = sigmoid(b_h) per head,
+    started at b_h = 0."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.width = cfg.n_head, cfg.head_dim if cfg.gate == "channel" else 1
-        self.weight = nn.Parameter(torch.empty(cfg.n_head * self.width, cfg.d_model))
-        self.bias = None if cfg.gate == "head-nobias" else nn.Parameter(torch.empty(cfg.n_head * self.width))
+        reads_input = cfg.gate not in ("const", "scalar")
+        self.weight = nn.Parameter(torch.empty(cfg.n_head * self.width, cfg.d_model)) if reads_input else None
+        self.bias = (None if cfg.gate in ("head-nobias", "const")
+                     else nn.Parameter(torch.empty(cfg.n_head * self.width)))
         self.initial_bias = 3.0 if cfg.gate == "head-open" else 0.0
 
     def init_parameters(self):
-        nn.init.zeros_(self.weight)
+        if self.weight is not None:
+            nn.init.zeros_(self.weight)
         if self.bias is not None:
             nn.init.constant_(self.bias, self.initial_bias)
 
     def forward(self, x):
         """x (B, T, d_model) -> g (B, T, H, 1), or (B, T, H, D) per channel, to scale each head's output (B, T, H, D)."""
         B, T, _ = x.shape
+        if self.weight is None:  # const and scalar: one g per head, whatever the token
+            logit = self.bias if self.bias is not None else x.new_zeros(self.n_head)
+            return torch.sigmoid(logit.to(x.dtype)).view(1, 1, self.n_head, 1).expand(B, T, -1, -1)
         return torch.sigmoid(F.linear(x, self.weight, self.bias)).view(B, T, self.n_head, self.width)
 
 
@@ -500,7 +513,10 @@ class GPT(nn.Module):
     def hidden(self, idx, masks: AttentionMasks):
         """idx: (B, T) token ids; returns the final normed hidden states (B, T, d_model)."""
         T = idx.size(1)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if T <= self.rope_cos.size(0):
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # longer than training (--eval-seq-lens): the same turns per position, continued
+            cos, sin = (t.to(idx.device) for t in rotary_tables(self.cfg.head_dim, T, self.cfg.rope_base))
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, masks)
@@ -580,6 +596,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 BOS_ID = 50256
 _FIX = "re-create it with data/fineweb.py (delete it first)"
+SHARD_CHECK_TOKENS = 1 << 24  # tokens checked at a time (32 MB), so checking a shard never holds all of it
 
 
 def read_shard_header(path: str) -> int:
@@ -600,13 +617,19 @@ def read_shard_header(path: str) -> int:
 
 
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    """All of a shard's tokens as uint16, after checking the header and that every id is < vocab_size."""
+    """A shard's tokens as a read-only uint16 memory map, after checking the header and that every id is
+    < vocab_size: the pages are read once here and then come from the OS's cache, so 27 FineWeb shards cost no RAM
+    of the process's own."""
     count = read_shard_header(path)
-    tokens = np.fromfile(path, dtype=np.uint16, count=count, offset=HEADER_INTS * 4)
-    if count and tokens.max() >= vocab_size:
-        position = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{path}: token id {tokens[position]} at position {position} is >= the vocabulary "
-                         f"size {vocab_size}; the shard was made by another tokenizer, or pass --vocab-size")
+    if count == 0:  # a memory map cannot be empty
+        return np.zeros(0, dtype=np.uint16)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    for start in range(0, count, SHARD_CHECK_TOKENS):
+        chunk = tokens[start : start + SHARD_CHECK_TOKENS]
+        if chunk.max() >= vocab_size:
+            position = start + int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"{path}: token id {tokens[position]} at position {position} is >= the vocabulary "
+                             f"size {vocab_size}; the shard was made by another tokenizer, or pass --vocab-size")
     return tokens
 
 
@@ -632,74 +655,83 @@ def find_shards(pattern: str, flag: str) -> list:
     return files
 
 
-class DataLoader:
-    """Yields (inputs, targets) of shape (B, T) from one stream: the shards end to end, in a new order each
-    epoch when seeded (training), in sorted order otherwise (validation).
+DATA_ORDER = "windows"  # how DataLoader orders its reads; checkpoints of another order cannot continue their stream
 
-    Micro-step k of rank r of W reads the stream at (k * W + r) * B * T, plus one token for the last target.
-    So ranks never share a token, and one process with W times the accumulation reads the same tokens in the
-    same steps as W processes: the number of GPUs changes the speed, not the data."""
+
+class DataLoader:
+    """Yields (inputs, targets) of shape (B, T) from windows of T + 1 tokens over the shards end to end: window w
+    holds tokens w * T .. w * T + T, so its last token, the last target, is the next window's first input.
+
+    Seeded (training), the windows come in a random order drawn anew each epoch from (seed, epoch): two seeds read
+    different data in different orders, and no epoch repeats another. Unseeded (validation), they come in order,
+    the same tokens every time. Micro-step k of rank r of W reads windows (k * W + r) * B .. + B - 1 of that
+    sequence of epochs. So ranks never share a window, every window is read once per epoch over all ranks, and one
+    process with W times the accumulation reads the same windows in the same steps as W processes: the number of
+    GPUs changes the speed, not the data."""
 
     def __init__(self, files, B, T, rank, world_size, vocab_size, device, seed=None):
         self.files, self.B, self.T = files, B, T
-        self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
-        self.device, self.seed = device, seed
-        self.shard_tokens = [read_shard_header(f) for f in files]
-        self.tokens_per_epoch = sum(self.shard_tokens)
-        span = world_size * B * T + 1
-        if self.tokens_per_epoch < span:
+        self.rank, self.world_size, self.device, self.seed = rank, world_size, device, seed
+        self.shards = [load_shard(f, vocab_size) for f in files]
+        self.shard_tokens = [len(tokens) for tokens in self.shards]
+        self.shard_starts = np.cumsum([0] + self.shard_tokens)  # each shard's first token in the stream
+        self.tokens_per_epoch = int(self.shard_starts[-1])
+        self.windows_per_epoch = (self.tokens_per_epoch - 1) // T  # the last window needs one token past it
+        if self.windows_per_epoch < world_size * B:
             raise ValueError(f"{len(files)} shard(s) from {files[0]} hold {self.tokens_per_epoch} tokens, fewer than "
-                             f"the {span} of one batch (world size x micro-batch + 1); use a smaller "
-                             f"--micro-batch-tokens or more data")
+                             f"the {world_size * B * T + 1} of one batch (world size x micro-batch + 1); use a "
+                             f"smaller --micro-batch-tokens or more data")
+        self._epoch_order = (None, None)  # (epoch, its window order), drawn once per epoch
         self.reset()
 
     def reset(self):
-        self.epoch, self.shard_index = 0, -1
-        self.buffer = np.zeros(0, dtype=np.uint16)  # the stream from the current position on
-        self.position = 0  # tokens of the stream consumed by all ranks together: the state a checkpoint keeps
+        self.position = 0  # tokens consumed by all ranks together (windows x T): the state a checkpoint keeps
 
     def seek(self, position: int):
-        """Continues the stream at `position`, as if next_batch had consumed that many tokens; reads one shard."""
-        self.reset()
+        """Continues as if next_batch had consumed `position` tokens over all ranks."""
         self.position = position
-        self.epoch, skip = divmod(position, self.tokens_per_epoch)
-        order, self.shard_index = self._order(self.epoch), 0
-        while skip >= self.shard_tokens[order[self.shard_index]]:
-            skip -= self.shard_tokens[order[self.shard_index]]
-            self.shard_index += 1
-        self.buffer = load_shard(self.files[order[self.shard_index]], self.vocab_size)[skip:]
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.T // self.windows_per_epoch
 
     def first_batch(self):
-        """This rank's inputs of the stream's first micro-batch; the loader is reset."""
+        """This rank's inputs of the first micro-batch; the loader is reset."""
         self.reset()
         inputs, _ = self.next_batch()
         self.reset()
         return inputs
 
-    def _order(self, epoch: int):
+    def window_order(self, epoch: int) -> np.ndarray:
         if self.seed is None:
-            return np.arange(len(self.files))
-        return np.random.default_rng((self.seed, epoch)).permutation(len(self.files))
+            return np.arange(self.windows_per_epoch)
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.windows_per_epoch)
+        return self._epoch_order[1]
 
-    def _load_next_shard(self):
-        self.shard_index += 1
-        if self.shard_index == len(self.files):
-            self.epoch, self.shard_index = self.epoch + 1, 0
-        return load_shard(self.files[self._order(self.epoch)[self.shard_index]], self.vocab_size)
+    def window(self, w: int) -> np.ndarray:
+        """Window w's T + 1 tokens, read across a shard boundary where it lies on one."""
+        start, end = w * self.T, w * self.T + self.T + 1
+        pieces, shard = [], int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        while start < end:
+            offset = start - self.shard_starts[shard]
+            piece = self.shards[shard][offset : offset + end - start]
+            pieces.append(piece)
+            start, shard = start + len(piece), shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def next_batch(self):
         B, T = self.B, self.T
-        while len(self.buffer) < self.world_size * B * T + 1:
-            self.buffer = np.concatenate([self.buffer, self._load_next_shard()])
-        start = self.rank * B * T
-        chunk = torch.from_numpy(self.buffer[start : start + B * T + 1].astype(np.int64))
-        self.buffer = self.buffer[self.world_size * B * T :]
+        first = self.position // T + self.rank * B  # this rank's first window in the sequence of epochs
+        rows = []
+        for n in range(first, first + B):
+            epoch, index = divmod(n, self.windows_per_epoch)
+            rows.append(self.window(int(self.window_order(epoch)[index])))
         self.position += self.world_size * B * T
+        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))  # B, T + 1
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-        return chunk[:-1].view(B, T), chunk[1:].view(B, T)
-
-
+        return chunk[:, :-1], chunk[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -805,7 +837,7 @@ def main(argv=None):
     master = rank == 0
     B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
     train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
-                              args.vocab_size, device, seed=args.seed)
+                              args.vocab_size, device, seed=args.seed if args.data_seed < 0 else args.data_seed)
     val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
                             args.vocab_size, device)
     val_steps = args.val_tokens // (world_size * B * T)
@@ -839,6 +871,7 @@ def main(argv=None):
 
     env = environment(device, world_size)
     if master:
+        env["provenance"] = provenance(train_loader, val_loader)
         with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
             f.write(code)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -882,7 +915,7 @@ def main(argv=None):
         path = checkpoint_path(run_dir, step)
         if master:
             state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "data_position": train_loader.position, "rng_cpu": torch.get_rng_state(),
+                     "data_position": train_loader.position, "data_order": DATA_ORDER, "rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
                      "train_time_s": train_time, "nonfinite_skipped": skipped}
@@ -907,6 +940,15 @@ def main(argv=None):
             probes = probe(raw_model, probe_inputs) if master else {}  # the other ranks wait at the next step
             record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
         if last_step:
+            val_loss_by_seq_len = {str(T): val_loss}
+            for length in eval_seq_lens(args):  # the uncompiled model: each length would be a new compilation
+                loader = DataLoader(val_loader.files, args.micro_batch_tokens // length, length, rank, world_size,
+                                    args.vocab_size, device)
+                val_loss_by_seq_len[str(length)] = evaluate(raw_model, loader, val_steps,
+                                                            raw_model.masks(length, device, backend))
+                print0(f"step:{step}/{args.steps} val_loss:{val_loss_by_seq_len[str(length)]:.4f} seq_len:{length}")
+            if len(val_loss_by_seq_len) > 1:
+                record(step=step, val_loss_by_seq_len=val_loss_by_seq_len)
             break
 
         if device.type == "cuda":
@@ -980,6 +1022,11 @@ def main(argv=None):
                "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
                "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
                "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels}
+    if len(val_loss_by_seq_len) > 1:
+        summary["val_loss_by_seq_len"] = val_loss_by_seq_len
+    if master:  # the data's fingerprints as their hashes alone; env.json has the shards too
+        summary["provenance"] = {key: value["sha256"] if key.endswith("_data") else value
+                                 for key, value in env["provenance"].items()}
     if master:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -997,6 +1044,8 @@ def main(argv=None):
 # values are stored, so loading needs no pickled code (weights_only).
 
 CHECKPOINT_NAME = re.compile(r"ckpt_step(\d+)\.pt")
+# what every checkpoint holds; those written since the loader read windows (DATA_ORDER) also hold data_order, which
+# only resuming needs, so sample.py and export_hf.py still read the older ones
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "data_position", "rng_cpu", "rng_cuda", "config", "train_shards",
                    "world_size", "train_time_s", "nonfinite_skipped"}
 
@@ -1077,6 +1126,9 @@ def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, wo
         refused.append(f"--train-files: the checkpoint read {len(old)} shard(s) ({old[0][0]} .. {old[-1][0]}), "
                        f"this run finds {len(new)} ({new[0][0]} .. {new[-1][0]}) or other sizes; point it at the "
                        f"same shards")
+    if checkpoint.get("data_order") != DATA_ORDER:
+        refused.append("the checkpoint was written by an earlier train_gpt.py that read the training data in another "
+                       "order, so its data position cannot be continued; start a new run")
     if args.steps < checkpoint["step"]:
         refused.append(f"--steps {args.steps} ends before the checkpoint's step {checkpoint['step']}; pass more")
     if refused:
@@ -1192,12 +1244,26 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
     if args.val_tokens < per_step or args.val_tokens % per_step:
         problems.append(f"--val-tokens {args.val_tokens} must be a positive multiple of world size {world_size} x "
                         f"--micro-batch-tokens {args.micro_batch_tokens} = {per_step}")
+    try:
+        for length in eval_seq_lens(args):
+            if length <= 0 or args.micro_batch_tokens % length:
+                problems.append(f"--eval-seq-lens: {length} does not divide --micro-batch-tokens "
+                                f"{args.micro_batch_tokens}; give lengths that do")
+    except ValueError:
+        problems.append(f"--eval-seq-lens {args.eval_seq_lens!r}: give comma-separated lengths in tokens, e.g. 2048,4096")
+    if args.data_seed < -1:
+        problems.append(f"--data-seed {args.data_seed}: use a seed of 0 or more, or -1 for --seed's")
     if args.warmup_steps + args.cooldown_steps > args.steps:
         problems.append(f"--warmup-steps {args.warmup_steps} + --cooldown-steps {args.cooldown_steps} exceed "
                         f"--steps {args.steps}")
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     return args.batch_tokens // per_step
+
+
+def eval_seq_lens(args: Hyperparameters) -> list:
+    """--eval-seq-lens as a list of ints (ValueError if one is not an int)."""
+    return [int(length) for length in args.eval_seq_lens.split(",") if length.strip()]
 
 
 def make_run_dir(log_dir: str, run_name: str) -> str:
@@ -1214,6 +1280,33 @@ def make_run_dir(log_dir: str, run_name: str) -> str:
             raise ValueError(f"--log-dir {log_dir}: cannot make a run directory in it ({error}); pass a writable "
                              f"directory") from error
     raise RuntimeError(f"could not create a new run directory under {log_dir}")
+
+
+def provenance(train_loader: DataLoader, val_loader: DataLoader) -> dict:
+    """What the run ran on: the project's git commit and whether its tracked files had uncommitted changes (None
+    where the code is not in a git checkout), this file's sha256 (the code itself, also where git is not), and a
+    fingerprint of each data split: its shards' names and token counts and a sha256 of all their tokens."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*command):
+        try:
+            done = subprocess.run(["git", "-C", here, *command], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    def fingerprint(loader):
+        digest = hashlib.sha256()
+        for tokens in loader.shards:
+            for start in range(0, len(tokens), SHARD_CHECK_TOKENS):
+                digest.update(tokens[start : start + SHARD_CHECK_TOKENS].tobytes())
+        return {"shards": [[os.path.basename(f), n] for f, n in zip(loader.files, loader.shard_tokens)],
+                "sha256": digest.hexdigest()}
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if commit is None or status is None else bool(status),
+            "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
+            "train_data": fingerprint(train_loader), "val_data": fingerprint(val_loader)}
 
 
 def environment(device: torch.device, world_size: int) -> dict:
