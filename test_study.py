@@ -26,13 +26,14 @@ def write_json(path, obj):
 
 
 def write_summary(parent, dir_name, run_name, val_loss, seed, window=0, gate="none", lr=1e-3, train_time_s=100.0,
-                  tokens_per_s=1000.0, tokens=1_000_000, params=1_000):
+                  tokens_per_s=1000.0, tokens=1_000_000, params=1_000, **extra):
+    """A run directory with train_gpt.py's summary.json; extra: its newer entries (provenance, val_loss_by_seq_len)."""
     run_dir = os.path.join(parent, dir_name)
     os.makedirs(run_dir)
     write_json(os.path.join(run_dir, "summary.json"),
                {"val_loss": val_loss, "train_time_s": train_time_s, "tokens": tokens, "tokens_per_s": tokens_per_s,
                 "mfu": None, "peak_mem_gb": None, "params": params, "window": window, "gate": gate,
-                "run_name": run_name, "seed": seed, "lr": lr, "device": "cpu", "world_size": 1})
+                "run_name": run_name, "seed": seed, "lr": lr, "device": "cpu", "world_size": 1, **extra})
     return run_dir
 
 
@@ -122,6 +123,130 @@ def test_compare_command_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "compare.py"), study(tmp_path)],
                             capture_output=True, text=True, check=True)
     assert "| gated | 256 | head | 0.001 | 0,1 | 2 | 4.8000 ± 0.1414 |" in result.stdout
+
+
+
+@pytest.mark.parametrize("p, dof, t", [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764), (0.975, 5, 2.5706),
+                                       (0.975, 10, 2.2281), (0.975, 30, 2.0423), (0.975, 120, 1.9799),
+                                       (0.95, 4, 2.1318), (0.995, 3, 5.8409)])
+def test_compare_t_quantile_matches_the_tables(p, dof, t):
+    assert compare.t_quantile(p, dof) == pytest.approx(t, abs=1e-4)
+
+
+def paired_lines(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and " − " in line]
+
+
+def test_compare_pairs_each_row_with_the_baseline_by_seed(tmp_path):
+    """Seeds 0-2 in both rows, seed 3 only in gated's: the differences are -0.10, -0.20, -0.15 (seed 3 left out),
+    mean -0.15, sample std 0.05, half-width t(0.975, 2) 4.3027 x 0.05 / sqrt(3) = 0.1242."""
+    for seed, loss in enumerate([5.0, 5.2, 5.1]):
+        write_summary(tmp_path, f"b{seed}", "baseline", loss, seed)
+    for seed, loss in enumerate([4.9, 5.0, 4.95, 3.0]):
+        write_summary(tmp_path, f"g{seed}", "gated", loss, seed, window=256, gate="head")
+    write_summary(tmp_path, "w", "window", 5.0, 7, window=256)
+    write_summary(tmp_path, "b-lr", "baseline", 6.0, 0, lr=2e-3)
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert paired_lines(text) == [
+        "| baseline@0.002 − baseline@0.001 | 0 | 1 | +1.0000 | +1.0000 |  | 1/1 |",
+        "| gated − baseline@0.001 | 0,1,2 | 3 | -0.1000, -0.2000, -0.1500 | -0.1500 | -0.2742 to -0.0258 | 3/3 |"]
+    assert "Not paired, no seed in common: window − baseline@0.001." in text
+
+
+def test_compare_pairs_chosen_rows_and_counts_the_seeds_that_agree(tmp_path):
+    for seed, (gated, window) in enumerate([(4.9, 4.8), (5.0, 5.1), (4.9, 5.0)]):
+        write_summary(tmp_path, f"g{seed}", "gated", gated, seed, window=256, gate="head")
+        write_summary(tmp_path, f"w{seed}", "window", window, seed, window=256)
+    write_summary(tmp_path, "b", "baseline", 5.5, 0)
+    text = compare.table(compare.load_runs([str(tmp_path)]), pairs="gated:window")
+    # differences +0.1, -0.1, -0.1: mean -0.0333, two of three seeds with its sign; t(0.975, 2) x 0.11547 / sqrt(3)
+    assert paired_lines(text) == ["| gated − window | 0,1,2 | 3 | +0.1000, -0.1000, -0.1000 | -0.0333 | "
+                                  "-0.3202 to +0.2535 | 2/3 |"]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("gated", "--pairs gated: expected ROW:ROW"),
+    ("gated:nope", "--pairs nope: no such row; the rows are baseline@0.001, baseline@0.002, gated"),
+    ("gated:baseline", "--pairs baseline: baseline has rows at lr 0.001, 0.002; write baseline@0.001"),
+    ("gated:baseline@x", "--pairs baseline@x: 'x' is not a learning rate"),
+    ("gated:baseline@0.002", "--pairs gated:baseline@0.002: the rows have no seed in common"),
+])
+def test_compare_pairs_errors_name_the_pair(tmp_path, pairs, message):
+    write_summary(tmp_path, "b1", "baseline", 5.0, 0)
+    write_summary(tmp_path, "b2", "baseline", 5.0, 1, lr=2e-3)
+    write_summary(tmp_path, "g", "gated", 5.0, 0, window=256, gate="head")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+        compare.main([str(tmp_path), "--pairs", pairs])
+    assert "| gated − baseline@0.001 | 0 | 1 |" in compare.table(compare.load_runs([str(tmp_path)]),
+                                                                pairs="gated:baseline@0.001")
+
+
+def test_compare_counts_a_run_found_twice_once_and_refuses_a_seed_twice(tmp_path):
+    study_dir = tmp_path / "study"
+    write_summary(study_dir / "baseline-lr0.001-seed0", "baseline-20261201-120000", "baseline", 5.0, 0)
+    run = write_summary(study_dir / "gated-lr0.001-seed0", "gated-20261201-120000", "gated", 4.0, 0, window=256,
+                        gate="head")
+    lines = table_lines(str(study_dir), run)  # a directory and a run inside it; the run is found at any depth
+    assert [line.split(" | ")[5] for line in lines[2:4]] == ["1", "1"]
+    again = write_summary(study_dir / "gated-lr0.001-seed0", "gated-20261201-130000", "gated", 4.1, 0, window=256,
+                          gate="head")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run} and {again} are both 'gated' at lr 0.001, seed 0: "
+                                                   "a seed counted twice")):
+        compare.main([str(study_dir)])
+
+
+def test_compare_data_seed_is_part_of_the_seed(tmp_path):
+    """Runs with one --seed and different --data-seed orders are different runs, labelled seed/data; a config.json
+    data seed of -1 is the seed itself."""
+    for data_seed in (3, 4):
+        run_dir = write_summary(tmp_path, f"d{data_seed}", "baseline", 5.0, 0)
+        write_json(os.path.join(run_dir, "config.json"), {"seed": 0, "lr": 1e-3, "data_seed": data_seed})
+    run_dir = write_summary(tmp_path, "d-1", "baseline", 5.0, 0)
+    write_json(os.path.join(run_dir, "config.json"), {"seed": 0, "lr": 1e-3, "data_seed": -1})
+    assert table_lines(str(tmp_path))[2].startswith("| baseline | full | none | 0.001 | 0,0/data 3,0/data 4 | 3 |")
+
+
+def provenance(commit="1a2b3c4d5e6f", dirty=False, code="c" * 64, train="t" * 64, val="v" * 64):
+    return {"provenance": {"git_commit": commit, "git_dirty": dirty, "code_sha256": code, "train_data": train,
+                           "val_data": val}}
+
+
+def test_compare_notes_runs_of_other_code_or_data_and_unknown_provenance(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, **provenance())
+    write_summary(tmp_path, "b1", "baseline", 5.0, 1, **provenance())
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance())
+    write_summary(tmp_path, "g1", "gated", 5.0, 1, window=256, gate="head",
+                  **provenance(commit="9f8e7d6c5b4a", dirty=True, train="0" * 64))
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert ("Caution: these runs were not trained from the same code and data; commit: 1a2b3c4 (baseline seeds 0,1; "
+            "gated seed 0), 9f8e7d6 (gated seed 1); uncommitted changes: no (baseline seeds 0,1; gated seed 0), "
+            "yes (gated seed 1); train data: tttttttttttt (baseline seeds 0,1; gated seed 0), 000000000000 (gated "
+            "seed 1).") in text
+    assert "unknown" not in text
+    write_summary(tmp_path, "g2", "gated", 5.0, 2, window=256, gate="head")
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert "Provenance unknown (no commit, code or data fingerprints in summary.json): gated seed 2." in text
+
+
+def test_compare_same_provenance_needs_no_note(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, **provenance(commit=None, dirty=None))
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance(commit=None, dirty=None))
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert "Caution" not in text and "Provenance unknown" not in text
+
+
+def test_compare_val_loss_by_evaluation_length(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, val_loss_by_seq_len={"1024": 5.0, "2048": 5.5})
+    write_summary(tmp_path, "b1", "baseline", 5.2, 1, val_loss_by_seq_len={"1024": 5.2})
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head",
+                  val_loss_by_seq_len={"1024": 4.8, "2048": 4.7, "8192": 4.6})
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert ("| run | window | gate | lr | T=1024 | T=2048 | T=8192 |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+            "| baseline | full | none | 0.001 | 5.1000 | 5.5000 (1 of 2) |  |\n"
+            "| gated | 256 | head | 0.001 | 4.8000 | 4.7000 | 4.6000 |") in text
+    assert "; (k of n): only k of its n runs evaluated at that length." in text
+    write_summary(tmp_path / "other", "b", "baseline", 5.0, 0)
+    assert "T=" not in compare.table(compare.load_runs([str(tmp_path / "other")]))
 
 
 LAYERS, HEADS = 3, 4
