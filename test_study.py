@@ -567,6 +567,9 @@ def test_study_refuses_a_finished_run_of_other_flags_before_starting_any(tmp_pat
                       f"--steps 5000 -> 4800; the study's {arm}, seed 0 would train beside it: pass the flags it ran "
                       f"with, move it out, or choose another --out" for run, arm in zip(runs, ("baseline", "gated"))]
     assert len(fake_records(tmp_path)) == 2 and {p: p.read_text() for p in out.glob("*/train.out")} == outputs
+    os.remove(runs[0] / "config.json")
+    assert driver.main(command, trainer=trainer) == 2
+    assert capsys.readouterr().err.startswith(f"error: {runs[0]} is a finished run with no readable config.json; ")
 
 
 def test_study_starts_afresh_beside_an_unfinished_run_of_other_flags(tmp_path, monkeypatch):
