@@ -6,6 +6,7 @@ here by hand (no training); and that run.sh keeps to bash 3.2.
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,13 +27,14 @@ def write_json(path, obj):
 
 
 def write_summary(parent, dir_name, run_name, val_loss, seed, window=0, gate="none", lr=1e-3, train_time_s=100.0,
-                  tokens_per_s=1000.0, tokens=1_000_000, params=1_000):
+                  tokens_per_s=1000.0, tokens=1_000_000, params=1_000, **extra):
+    """A run directory with train_gpt.py's summary.json; extra: its newer entries (provenance, val_loss_by_seq_len)."""
     run_dir = os.path.join(parent, dir_name)
     os.makedirs(run_dir)
     write_json(os.path.join(run_dir, "summary.json"),
                {"val_loss": val_loss, "train_time_s": train_time_s, "tokens": tokens, "tokens_per_s": tokens_per_s,
                 "mfu": None, "peak_mem_gb": None, "params": params, "window": window, "gate": gate,
-                "run_name": run_name, "seed": seed, "lr": lr, "device": "cpu", "world_size": 1})
+                "run_name": run_name, "seed": seed, "lr": lr, "device": "cpu", "world_size": 1, **extra})
     return run_dir
 
 
@@ -124,6 +126,130 @@ def test_compare_command_line(tmp_path):
     assert "| gated | 256 | head | 0.001 | 0,1 | 2 | 4.8000 ± 0.1414 |" in result.stdout
 
 
+
+@pytest.mark.parametrize("p, dof, t", [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764), (0.975, 5, 2.5706),
+                                       (0.975, 10, 2.2281), (0.975, 30, 2.0423), (0.975, 120, 1.9799),
+                                       (0.95, 4, 2.1318), (0.995, 3, 5.8409)])
+def test_compare_t_quantile_matches_the_tables(p, dof, t):
+    assert compare.t_quantile(p, dof) == pytest.approx(t, abs=1e-4)
+
+
+def paired_lines(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and " − " in line]
+
+
+def test_compare_pairs_each_row_with_the_baseline_by_seed(tmp_path):
+    """Seeds 0-2 in both rows, seed 3 only in gated's: the differences are -0.10, -0.20, -0.15 (seed 3 left out),
+    mean -0.15, sample std 0.05, half-width t(0.975, 2) 4.3027 x 0.05 / sqrt(3) = 0.1242."""
+    for seed, loss in enumerate([5.0, 5.2, 5.1]):
+        write_summary(tmp_path, f"b{seed}", "baseline", loss, seed)
+    for seed, loss in enumerate([4.9, 5.0, 4.95, 3.0]):
+        write_summary(tmp_path, f"g{seed}", "gated", loss, seed, window=256, gate="head")
+    write_summary(tmp_path, "w", "window", 5.0, 7, window=256)
+    write_summary(tmp_path, "b-lr", "baseline", 6.0, 0, lr=2e-3)
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert paired_lines(text) == [
+        "| baseline@0.002 − baseline@0.001 | 0 | 1 | +1.0000 | +1.0000 |  | 1/1 |",
+        "| gated − baseline@0.001 | 0,1,2 | 3 | -0.1000, -0.2000, -0.1500 | -0.1500 | -0.2742 to -0.0258 | 3/3 |"]
+    assert "Not paired, no seed in common: window − baseline@0.001." in text
+
+
+def test_compare_pairs_chosen_rows_and_counts_the_seeds_that_agree(tmp_path):
+    for seed, (gated, window) in enumerate([(4.9, 4.8), (5.0, 5.1), (4.9, 5.0)]):
+        write_summary(tmp_path, f"g{seed}", "gated", gated, seed, window=256, gate="head")
+        write_summary(tmp_path, f"w{seed}", "window", window, seed, window=256)
+    write_summary(tmp_path, "b", "baseline", 5.5, 0)
+    text = compare.table(compare.load_runs([str(tmp_path)]), pairs="gated:window")
+    # differences +0.1, -0.1, -0.1: mean -0.0333, two of three seeds with its sign; t(0.975, 2) x 0.11547 / sqrt(3)
+    assert paired_lines(text) == ["| gated − window | 0,1,2 | 3 | +0.1000, -0.1000, -0.1000 | -0.0333 | "
+                                  "-0.3202 to +0.2535 | 2/3 |"]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("gated", "--pairs gated: expected ROW:ROW"),
+    ("gated:nope", "--pairs nope: no such row; the rows are baseline@0.001, baseline@0.002, gated"),
+    ("gated:baseline", "--pairs baseline: baseline has rows at lr 0.001, 0.002; write baseline@0.001"),
+    ("gated:baseline@x", "--pairs baseline@x: 'x' is not a learning rate"),
+    ("gated:baseline@0.002", "--pairs gated:baseline@0.002: the rows have no seed in common"),
+])
+def test_compare_pairs_errors_name_the_pair(tmp_path, pairs, message):
+    write_summary(tmp_path, "b1", "baseline", 5.0, 0)
+    write_summary(tmp_path, "b2", "baseline", 5.0, 1, lr=2e-3)
+    write_summary(tmp_path, "g", "gated", 5.0, 0, window=256, gate="head")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+        compare.main([str(tmp_path), "--pairs", pairs])
+    assert "| gated − baseline@0.001 | 0 | 1 |" in compare.table(compare.load_runs([str(tmp_path)]),
+                                                                pairs="gated:baseline@0.001")
+
+
+def test_compare_counts_a_run_found_twice_once_and_refuses_a_seed_twice(tmp_path):
+    study_dir = tmp_path / "study"
+    write_summary(study_dir / "baseline-lr0.001-seed0", "baseline-20261201-120000", "baseline", 5.0, 0)
+    run = write_summary(study_dir / "gated-lr0.001-seed0", "gated-20261201-120000", "gated", 4.0, 0, window=256,
+                        gate="head")
+    lines = table_lines(str(study_dir), run)  # a directory and a run inside it; the run is found at any depth
+    assert [line.split(" | ")[5] for line in lines[2:4]] == ["1", "1"]
+    again = write_summary(study_dir / "gated-lr0.001-seed0", "gated-20261201-130000", "gated", 4.1, 0, window=256,
+                          gate="head")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run} and {again} are both 'gated' at lr 0.001, seed 0: "
+                                                   "a seed counted twice")):
+        compare.main([str(study_dir)])
+
+
+def test_compare_data_seed_is_part_of_the_seed(tmp_path):
+    """Runs with one --seed and different --data-seed orders are different runs, labelled seed/data; a config.json
+    data seed of -1 is the seed itself."""
+    for data_seed in (3, 4):
+        run_dir = write_summary(tmp_path, f"d{data_seed}", "baseline", 5.0, 0)
+        write_json(os.path.join(run_dir, "config.json"), {"seed": 0, "lr": 1e-3, "data_seed": data_seed})
+    run_dir = write_summary(tmp_path, "d-1", "baseline", 5.0, 0)
+    write_json(os.path.join(run_dir, "config.json"), {"seed": 0, "lr": 1e-3, "data_seed": -1})
+    assert table_lines(str(tmp_path))[2].startswith("| baseline | full | none | 0.001 | 0,0/data 3,0/data 4 | 3 |")
+
+
+def provenance(commit="1a2b3c4d5e6f", dirty=False, code="c" * 64, train="t" * 64, val="v" * 64):
+    return {"provenance": {"git_commit": commit, "git_dirty": dirty, "code_sha256": code, "train_data": train,
+                           "val_data": val}}
+
+
+def test_compare_notes_runs_of_other_code_or_data_and_unknown_provenance(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, **provenance())
+    write_summary(tmp_path, "b1", "baseline", 5.0, 1, **provenance())
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance())
+    write_summary(tmp_path, "g1", "gated", 5.0, 1, window=256, gate="head",
+                  **provenance(commit="9f8e7d6c5b4a", dirty=True, train="0" * 64))
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert ("Caution: these runs were not trained from the same code and data; commit: 1a2b3c4 (baseline seeds 0,1; "
+            "gated seed 0), 9f8e7d6 (gated seed 1); uncommitted changes: no (baseline seeds 0,1; gated seed 0), "
+            "yes (gated seed 1); train data: tttttttttttt (baseline seeds 0,1; gated seed 0), 000000000000 (gated "
+            "seed 1).") in text
+    assert "unknown" not in text
+    write_summary(tmp_path, "g2", "gated", 5.0, 2, window=256, gate="head")
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert "Provenance unknown (no commit, code or data fingerprints in summary.json): gated seed 2." in text
+
+
+def test_compare_same_provenance_needs_no_note(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, **provenance(commit=None, dirty=None))
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance(commit=None, dirty=None))
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert "Caution" not in text and "Provenance unknown" not in text
+
+
+def test_compare_val_loss_by_evaluation_length(tmp_path):
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, val_loss_by_seq_len={"1024": 5.0, "2048": 5.5})
+    write_summary(tmp_path, "b1", "baseline", 5.2, 1, val_loss_by_seq_len={"1024": 5.2})
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head",
+                  val_loss_by_seq_len={"1024": 4.8, "2048": 4.7, "8192": 4.6})
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert ("| run | window | gate | lr | T=1024 | T=2048 | T=8192 |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+            "| baseline | full | none | 0.001 | 5.1000 | 5.5000 (1 of 2) |  |\n"
+            "| gated | 256 | head | 0.001 | 4.8000 | 4.7000 | 4.6000 |") in text
+    assert "; (k of n): only k of its n runs evaluated at that length." in text
+    write_summary(tmp_path / "other", "b", "baseline", 5.0, 0)
+    assert "T=" not in compare.table(compare.load_runs([str(tmp_path / "other")]))
+
+
 LAYERS, HEADS = 3, 4
 
 
@@ -193,34 +319,89 @@ def test_plot_never_overwrites(tmp_path):
     assert (out / "sinks.png").read_bytes() == b"mine" and not (out / "loss.png").exists()
 
 
-# study.py's queue, with a fake trainer: a script that sleeps, records when and where it ran, and fails or writes a
-# summary.json as a plan file says.
-FAKE_TRAINER = """
-import json, os, signal, sys, time
+# torchrun's own output after its one worker failed (torch 2.13, --nproc_per_node=1; paths shortened)
+TORCHRUN_TAIL = """\
+E1203 09:15:12.579000 5101 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) \
+local_rank: 0 (pid: 5147) of binary: /usr/bin/python3
+Traceback (most recent call last):
+  File "/usr/bin/torchrun", line 8, in <module>
+    sys.exit(main())
+             ^^^^^^
+  File "site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+train_gpt.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-03_09:15:12
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 5147)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================"""
 
+# study.py's queue, with a fake trainer: a script that makes its run directory as train_gpt.py does (<run name>-...
+# under --log-dir) with a config.json of the flags it was given (the fields it lacks count as train_gpt.py's
+# defaults), sleeps, records when and where it ran in records.jsonl, then fails (with torchrun's output after its
+# error), writes a checkpoint, or writes a summary.json, as plan.json says.
+FAKE_TRAINER = f"TORCHRUN_TAIL = {TORCHRUN_TAIL!r}\n" + """
+import json, os, signal, sys, tempfile, time
+
+here = os.path.dirname(os.path.abspath(__file__))
 flags = dict(zip(sys.argv[1::2], sys.argv[2::2]))  # every flag here comes with a value
 name = f"{flags['--run-name']}-seed{flags['--seed']}"
-plan = json.load(open(flags["--plan"]))[name]
-record = {"name": name, "slot": os.environ["CUDA_VISIBLE_DEVICES"], "start": time.time(), "sigterm": False}
+plan = json.load(open(os.path.join(here, "plan.json")))[name]
+record = {"name": name, "slot": os.environ["CUDA_VISIBLE_DEVICES"], "start": time.time(), "sigterm": False,
+          "resume": flags.get("--resume", "")}
+run_dir = tempfile.mkdtemp(prefix=flags["--run-name"] + "-", dir=flags["--log-dir"])
+
+
+def value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+json.dump({key[2:].replace("-", "_"): value(text) for key, text in flags.items()},
+          open(os.path.join(run_dir, "config.json"), "w"))
+
+
+def finish(**changes):
+    record.update(end=time.time(), **changes)
+    with open(os.path.join(here, "records.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\\n")
+
+
+def checkpoint():
+    path = os.path.join(run_dir, "ckpt_step000001.pt")
+    open(path, "w").close()
+    return path
+
 
 def stop(signum, frame):
-    record.update(sigterm=True, end=time.time())
-    json.dump(record, open(os.path.join(flags["--log-dir"], name + ".json"), "w"))
+    finish(sigterm=True)
     print("stopped by SIGTERM after step 1; resume with:")
-    print("python train_gpt.py --resume ckpt.pt")
+    print("python train_gpt.py --resume " + checkpoint())
     sys.exit(143)
+
 
 signal.signal(signal.SIGTERM, stop)
 print("step:1/2 loss:10.0", flush=True)
 time.sleep(plan["seconds"])
-record["end"] = time.time()
-json.dump(record, open(os.path.join(flags["--log-dir"], name + ".json"), "w"))
+finish()
+if plan.get("checkpoint"):
+    checkpoint()
 if plan.get("error"):
-    print("Traceback (most recent call last):", flush=True)
     print("error: " + plan["error"], flush=True)
+    print(TORCHRUN_TAIL, flush=True)
     sys.exit(1)
-run_dir = os.path.join(flags["--log-dir"], name)
-os.makedirs(run_dir)
 json.dump({"val_loss": plan["val_loss"], "train_time_s": 1.0, "tokens_per_s": 1000.0, "run_name": flags["--run-name"],
            "window": int(flags["--window"]), "gate": flags["--gate"], "seed": int(flags["--seed"]),
            "lr": float(flags.get("--lr", "1e-3"))}, open(os.path.join(run_dir, "summary.json"), "w"))
@@ -228,16 +409,21 @@ json.dump({"val_loss": plan["val_loss"], "train_time_s": 1.0, "tokens_per_s": 10
 
 
 def fake_study(tmp_path, plan):
-    """The fake trainer's command and the flags that point it at its plan: run name -> seconds, error, val_loss."""
+    """The fake trainer's command, and the flags for a study of it in a new directory under tmp_path; plan: run name
+    -> seconds, error, checkpoint (after the run, before its error), val_loss."""
     (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    write_plan(tmp_path, plan)
+    return [sys.executable, str(tmp_path / "fake_trainer.py")], ["--train-files", "none", "--log-dir", str(tmp_path)]
+
+
+def write_plan(tmp_path, plan):
     write_json(tmp_path / "plan.json", {name: {"val_loss": 5.0, **p} for name, p in plan.items()})
-    return [sys.executable, str(tmp_path / "fake_trainer.py")], ["--plan", str(tmp_path / "plan.json"),
-                                                                 "--train-files", "none", "--log-dir", str(tmp_path)]
 
 
 def fake_records(tmp_path):
-    (out,) = tmp_path.glob("compare-*")
-    return out, {r["name"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
+    """What each start of the fake trainer recorded, in the order they ended."""
+    records = tmp_path / "records.jsonl"
+    return [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
 
 
 def test_study_queue_starts_a_run_on_the_first_slot_to_free(tmp_path, monkeypatch, capsys):
@@ -248,7 +434,8 @@ def test_study_queue_starts_a_run_on_the_first_slot_to_free(tmp_path, monkeypatc
     monkeypatch.setenv("NGPU", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "a,b")
     assert driver.main(["compare", "--arms", "baseline", "--seeds", "0,1,2,3", *flags], trainer=trainer) == 0
-    out, records = fake_records(tmp_path)
+    (out,) = tmp_path.glob("compare-*")
+    records = {r["name"]: r for r in fake_records(tmp_path)}
     assert sorted(records) == [f"baseline-seed{s}" for s in range(4)]
     assert {name: r["slot"] for name, r in records.items()} == {"baseline-seed0": "a", "baseline-seed1": "b",
                                                                 "baseline-seed2": "b", "baseline-seed3": "b"}
@@ -257,36 +444,43 @@ def test_study_queue_starts_a_run_on_the_first_slot_to_free(tmp_path, monkeypatc
         assert end < start < end + 1.0  # one at a time, and the next soon after (the poll, a Python start-up)
     assert on_b[-1][1] < records["baseline-seed0"]["end"]
     assert "| baseline | full | none | 0.001 | 0,1,2,3 | 4 |" in (out / "table.md").read_text()
-    assert "run 4/4: baseline, seed 3, CUDA_VISIBLE_DEVICES=b; output in " in capsys.readouterr().out
+    output = out / "baseline-lr0.001-seed3" / "train.out"
+    assert f"run 4/4: baseline, seed 3, CUDA_VISIBLE_DEVICES=b; output in {output}\n" in capsys.readouterr().out
+    assert output.read_text().splitlines()[1:] == ["step:1/2 loss:10.0"]  # after the line giving its command
 
 
 def test_study_reports_a_failed_run_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    """The report of the failed run is its worker's error, not torchrun's ChildFailedError after it."""
+    error = "bad configuration:\n  --steps 0: must be positive\n  --lr -1.0: must be 0 or more"
     trainer, flags = fake_study(tmp_path, {"baseline-seed0": {"seconds": 0}, "gated-seed0": {"seconds": 0},
-                                           "baseline-seed1": {"seconds": 0, "error": "--lr -1.0: must be 0 or more"},
+                                           "baseline-seed1": {"seconds": 0, "error": error},
                                            "gated-seed1": {"seconds": 0}})
     monkeypatch.setenv("NGPU", "1")
     assert driver.main(["compare", "--seeds", "0,1", *flags], trainer=trainer) == 1
-    out, records = fake_records(tmp_path)
-    assert len(records) == 4  # gated, seed 1 ran after baseline, seed 1 failed on the only slot
+    (out,) = tmp_path.glob("compare-*")
+    assert len(fake_records(tmp_path)) == 4  # gated, seed 1 ran after baseline, seed 1 failed on the only slot
     stderr = capsys.readouterr().err
-    assert f"run baseline, seed 1 failed; from {out / 'baseline-seed1.out'}:\nerror: --lr -1.0: must be 0 or more\n" \
-        in stderr
-    assert "compare: of 4 runs, 3 finished, 1 failed, 0 stopped and 0 skipped (above)" in stderr
+    output = out / "baseline-lr0.001-seed1" / "train.out"
+    assert f"run baseline, seed 1 failed; from {output}:\nerror: {error}\ncompare: of 4 runs, 0 were done already, 3 " \
+           f"finished, 1 failed, 0 stopped and 0 skipped (above)" in stderr
+    assert "ChildFailedError" in output.read_text() and "ChildFailedError" not in stderr
+    assert stderr.endswith(f"{os.path.relpath(driver.__file__)} compare --arms baseline,gated --seeds 0,1 --out {out} "
+                           f"--train-files none\n")
     table = (out / "table.md").read_text()
     assert "| baseline | full | none | 0.001 | 0 | 1 |" in table and "| gated | 256 | head | 0.001 | 0,1 | 2 |" in table
 
 
-def test_study_sigterm_stops_the_running_runs_and_skips_the_queued_ones(tmp_path):
+def test_study_sigterm_stops_the_running_runs_and_the_same_command_picks_them_up(tmp_path, monkeypatch, capsys):
     trainer, flags = fake_study(tmp_path, {f"baseline-seed{s}": {"seconds": 60} for s in range(5)})
     env = {**os.environ, "NGPU": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+    args = ["compare", "--arms", "baseline", "--seeds", "0,1,2,3,4", "--lrs", "1e-3", *flags]
     proc = subprocess.Popen([sys.executable, "-c", "import sys, study; sys.exit(study.main(sys.argv[2:], "
-                             "trainer=sys.argv[1].split('|')))", "|".join(trainer), "compare", "--arms", "baseline",
-                             "--seeds", "0,1,2,3,4", "--lrs", "1e-3", *flags], cwd=HERE, env=env,
+                             "trainer=sys.argv[1].split('|')))", "|".join(trainer), *args], cwd=HERE, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 30
-        while len(list(tmp_path.glob("compare-*/*.out"))) < 2 or any(
-                "step:1/2" not in f.read_text() for f in tmp_path.glob("compare-*/*.out")):
+        deadline = time.time() + 60
+        while len(list(tmp_path.glob("compare-*/*/train.out"))) < 2 or any(
+                "step:1/2" not in f.read_text() for f in tmp_path.glob("compare-*/*/train.out")):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
@@ -295,22 +489,157 @@ def test_study_sigterm_stops_the_running_runs_and_skips_the_queued_ones(tmp_path
         proc.kill()
     assert proc.returncode == 1
     assert [line for line in stderr.splitlines() if line.startswith("skipped: ")] == \
-        [f"skipped: baseline, seed {s}, lr 1e-3" for s in (2, 3, 4)]
-    out, records = fake_records(tmp_path)
-    assert sorted(records) == ["baseline-seed0", "baseline-seed1"]
-    assert all(r["sigterm"] for r in records.values())
-    assert f"run baseline, seed 0, lr 1e-3 stopped; from {out / 'baseline-seed0-lr1e-3.out'}:" in stderr
-    assert "lr1e-3.out:\nstopped by SIGTERM after step 1; resume with:\npython train_gpt.py --resume ckpt.pt\n" \
-        in stderr
-    assert "of 5 runs, 0 finished, 0 failed, 2 stopped and 3 skipped" in stderr
+        [f"skipped: baseline, seed {s}, lr 0.001" for s in (2, 3, 4)]
+    (out,) = tmp_path.glob("compare-*")
+    records = fake_records(tmp_path)
+    assert sorted(r["name"] for r in records) == ["baseline-seed0", "baseline-seed1"]
+    assert all(r["sigterm"] for r in records)
+    output = out / "baseline-lr0.001-seed0" / "train.out"
+    checkpoints = [next((out / f"baseline-lr0.001-seed{s}").glob("baseline-*/ckpt_step000001.pt")) for s in (0, 1)]
+    assert f"run baseline, seed 0, lr 0.001 stopped; from {output}:\nstopped by SIGTERM after step 1; resume " \
+           f"with:\npython train_gpt.py --resume {checkpoints[0]}\n" in stderr
+    assert "of 5 runs, 0 were done already, 0 finished, 0 failed, 2 stopped and 3 skipped" in stderr
     assert not (out / "table.md").exists()
 
+    pickup = shlex.split(stderr.splitlines()[-1])
+    assert pickup[:2] == ["python3", os.path.relpath(driver.__file__)] and pickup[pickup.index("--out") + 1] == str(out)
+    write_plan(tmp_path, {f"baseline-seed{s}": {"seconds": 0} for s in range(5)})
+    monkeypatch.setenv("NGPU", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert driver.main(pickup[2:], trainer=trainer) == 0
+    assert {r["name"]: r["resume"] for r in fake_records(tmp_path)[2:]} == {
+        "baseline-seed0": str(checkpoints[0]), "baseline-seed1": str(checkpoints[1]), "baseline-seed2": "",
+        "baseline-seed3": "", "baseline-seed4": ""}
+    assert "| baseline | full | none | 0.001 | 0,1,2,3,4 | 5 |" in capsys.readouterr().out
 
-def test_study_error_lines_are_the_first_error_and_three_after_else_the_last_five():
-    """A failed run's error lines; a stopped run's are train_gpt.py's notice and its resume command."""
-    lines = ["a", "b", "Traceback (most recent call last):", "ValueError: bad", "c", "d", "e", "f", "error: later"]
-    assert driver.run_error(lines) == ["ValueError: bad", "c", "d", "e"]
-    assert driver.run_error(["x", "error: --steps 0", "y"]) == ["error: --steps 0", "y"]
+
+def test_study_picks_up_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """First pass: baseline seed 1 fails after writing a checkpoint, gated seed 1 fails before one. The same command
+    again trains only those two, baseline seed 1 from its checkpoint and gated seed 1 afresh beside its failed run,
+    appending to their train.out; a third pass trains nothing."""
+    plan = {"baseline-seed0": {"seconds": 0}, "gated-seed0": {"seconds": 0},
+            "baseline-seed1": {"seconds": 0, "error": "out of memory", "checkpoint": True},
+            "gated-seed1": {"seconds": 0, "error": "out of memory"}}
+    trainer, _ = fake_study(tmp_path, plan)
+    out = tmp_path / "study"
+    command = ["compare", "--seeds", "0,1", "--out", str(out), "--train-files", "none"]
+    monkeypatch.setenv("NGPU", "1")
+    assert driver.main(command, trainer=trainer) == 1
+    (checkpoint,) = (out / "baseline-lr0.001-seed1").glob("baseline-*/ckpt_step000001.pt")
+    write_plan(tmp_path, {name: {"seconds": 0} for name in plan})
+    capsys.readouterr()
+
+    assert driver.main(command, trainer=trainer) == 0
+    stdout = capsys.readouterr().out
+    done = [next((out / f"{arm}-lr0.001-seed0").glob(f"{arm}-*")) for arm in ("baseline", "gated")]
+    assert stdout.startswith(f"compare: 4 runs in {out}; done already, so not trained again:\n"
+                             f"  baseline, seed 0: {done[0]}\n  gated, seed 0: {done[1]}\n"
+                             f"run 1/2: baseline, seed 1, resuming {checkpoint}, CUDA_VISIBLE_DEVICES=0; ")
+    assert [(r["name"], r["resume"]) for r in fake_records(tmp_path)[4:]] == [("baseline-seed1", str(checkpoint)),
+                                                                               ("gated-seed1", "")]
+    assert len(list((out / "gated-lr0.001-seed1").glob("gated-*"))) == 2  # the failed run stays, untouched
+    lines = (out / "baseline-lr0.001-seed1" / "train.out").read_text().splitlines()
+    assert sum(line.startswith("study.py ") for line in lines) == 2  # a line giving the command, for each attempt
+    assert "error: out of memory" in lines and lines[-1] == "step:1/2 loss:10.0"
+    assert "| baseline | full | none | 0.001 | 0,1 | 2 |" in (out / "table.md").read_text()
+    assert f"{out / 'table.md'}: replaced by the table above" in stdout
+
+    assert driver.main(command, trainer=trainer) == 0
+    assert len(fake_records(tmp_path)) == 6
+
+
+def test_study_refuses_a_finished_run_of_other_flags_before_starting_any(tmp_path, monkeypatch, capsys):
+    """Flags that change no result (NOT_RESULTS) leave finished runs done; any other refuses the study."""
+    trainer, _ = fake_study(tmp_path, {"baseline-seed0": {"seconds": 0}, "gated-seed0": {"seconds": 0}})
+    out = tmp_path / "study"
+    command = ["compare", "--seeds", "0", "--out", str(out), "--train-files", "none"]
+    monkeypatch.setenv("NGPU", "1")
+    assert driver.main(command, trainer=trainer) == 0
+    assert driver.main([*command, "--val-every", "50", "--save-every", "100", "--keep-checkpoints", "0",
+                        "--dist-timeout", "60"], trainer=trainer) == 0
+    assert len(fake_records(tmp_path)) == 2
+    outputs = {path: path.read_text() for path in out.glob("*/train.out")}
+    capsys.readouterr()
+    assert driver.main([*command, "--steps", "4800", "--seq-len", "512"], trainer=trainer) == 2
+    stderr = capsys.readouterr().err.splitlines()
+    runs = [next((out / f"{arm}-lr0.001-seed0").glob(f"{arm}-*")) for arm in ("baseline", "gated")]
+    assert stderr == [f"error: {run} is a finished run with other flags (its -> this study's): --seq-len 1024 -> 512, "
+                      f"--steps 5000 -> 4800; the study's {arm}, seed 0 would train beside it: pass the flags it ran "
+                      f"with, move it out, or choose another --out" for run, arm in zip(runs, ("baseline", "gated"))]
+    assert len(fake_records(tmp_path)) == 2 and {p: p.read_text() for p in out.glob("*/train.out")} == outputs
+    os.remove(runs[0] / "config.json")
+    assert driver.main(command, trainer=trainer) == 2
+    assert capsys.readouterr().err.startswith(f"error: {runs[0]} is a finished run with no readable config.json; ")
+
+
+def test_study_starts_afresh_beside_an_unfinished_run_of_other_flags(tmp_path, monkeypatch):
+    trainer, _ = fake_study(tmp_path, {"baseline-seed0": {"seconds": 0, "error": "killed", "checkpoint": True}})
+    out = tmp_path / "study"
+    command = ["compare", "--arms", "baseline", "--seeds", "0", "--out", str(out), "--train-files", "none"]
+    monkeypatch.setenv("NGPU", "1")
+    assert driver.main(command, trainer=trainer) == 1
+    write_plan(tmp_path, {"baseline-seed0": {"seconds": 0}})
+    assert driver.main([*command, "--steps", "4800"], trainer=trainer) == 0
+    assert [r["resume"] for r in fake_records(tmp_path)] == ["", ""]
+    unfinished, finished = sorted((out / "baseline-lr0.001-seed0").glob("baseline-*"),
+                                  key=lambda d: (d / "summary.json").exists())
+    assert (unfinished / "ckpt_step000001.pt").exists() and (finished / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "a"], "--seeds: 'a' is not a seed; use whole numbers 0 or more, e.g. --seeds 0,1,2"),
+    (["--seeds", "-1"], "--seeds: '-1' is not a seed"),
+    (["--seeds", ","], "--seeds ',': the list is empty; give one or more, comma-separated"),
+    (["--seeds", "0,00"], "--seeds 0,00: lists 0 twice; give each once"),
+    (["--lrs", "x"], "--lrs: 'x' is not a learning rate; use positive numbers, e.g. --lrs 1e-3,2e-3"),
+    (["--lrs", "0"], "--lrs: '0' is not a learning rate"),
+    (["--lrs", "1e-3,inf"], "--lrs: 'inf' is not a learning rate"),
+    (["--lrs", "nan"], "--lrs: 'nan' is not a learning rate"),
+    (["--lrs", "1e-3,0.001"], "--lrs 1e-3,0.001: lists 0.001 twice"),
+    (["--arms", ""], "--arms '': the list is empty"),
+    (["--arms", "gated,nope"], "unknown arm 'nope': use baseline, gated, window"),
+    (["--resume", "logs/x"], "compare sets --resume itself for each run"),
+    (["--lr", "1e-3", "--lrs", "2e-3"], "--lr and --lrs both set the learning rate: give one"),
+    (["--out", "elsewhere"], "--out DIR is the study's folder and --log-dir DIR the parent of a new one: give one"),
+    (["--steps", "0", "--lr", "-1"], "run baseline, seed 0: bad configuration: --steps 0: must be positive; --lr -1.0: "
+                                     "must be 0 or more"),
+    (["--steps", "x"], "run baseline, seed 0: train_gpt.py refuses the flags: argument --steps: invalid int value: "
+                       "'x'"),
+    (["--nope", "1"], "run baseline, seed 0: train_gpt.py refuses the flags: unrecognized arguments: --nope 1"),
+    (["--arms", "gated,mix", "--seq-len", "128"], "run mix, seed 0: bad configuration: --gate mix mixes a window with "
+                                                  "full attention: give it a --window between 1 and --seq-len 128"),
+])
+def test_study_refuses_bad_arguments_before_any_run(tmp_path, monkeypatch, capsys, args, message):
+    trainer, flags = fake_study(tmp_path, {})
+    monkeypatch.setenv("NGPU", "1")
+    assert driver.main(["compare", *args, *flags], trainer=trainer) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {message}") and stderr.count("\n") == 1, stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fake_trainer.py", "plan.json"]
+
+
+def test_study_help_is_its_docstring(capsys):
+    assert driver.main(["compare", "--help"]) == 0
+    assert capsys.readouterr().out == driver.__doc__ + "\n"
+
+
+def test_study_error_lines_are_the_workers_last_error_not_torchruns():
+    """A failed run's error lines, from torchrun's output as it is after a worker's error; a stopped run's are
+    train_gpt.py's notice and its resume command."""
+    tail = TORCHRUN_TAIL.splitlines()
+    bad_flags = ["step:1/2", "error: bad configuration:", "  --steps 0: must be positive",
+                 "  --lr -1.0: must be 0 or more", *tail]
+    assert driver.run_error(bad_flags) == bad_flags[1:4]
+    raised = ["[rank0]: Traceback (most recent call last):", '[rank0]:   File "train_gpt.py", line 9, in <module>',
+              "[rank0]:     raise ValueError('early')", "[rank0]: torch.OutOfMemoryError: CUDA out of memory.",
+              "[rank0]: Tried to allocate 2.00 GiB", *tail]
+    assert driver.run_error(raised) == raised[3:5]
+    chained = ["Traceback (most recent call last):", "ValueError: first", "",
+               "During handling of the above exception, another exception occurred:", "",
+               "Traceback (most recent call last):", "KeyError: 'lr'"]
+    assert driver.run_error(chained) == ["KeyError: 'lr'"]
+    killed = ["step:4/9", *TORCHRUN_TAIL.replace("exitcode  : 1", "exitcode  : -9").splitlines()]
+    assert driver.run_error(killed) == killed[-5:] and "exitcode  : -9 (pid: 5147)" in killed[-4]
     assert driver.run_error([str(i) for i in range(8)]) == ["3", "4", "5", "6", "7"]
     stopped = ["step:4/9", "stopped by SIGTERM after step 4; resume with:", "python train_gpt.py --resume c.pt",
                "Traceback (most recent call last):", "SignalException: got signal: 15"]
@@ -318,23 +647,44 @@ def test_study_error_lines_are_the_first_error_and_three_after_else_the_last_fiv
     assert driver.run_error(stopped, "failed") == stopped[4:]
 
 
-@pytest.mark.parametrize("environ, slots", [
-    ({"NGPU": "2"}, ["0", "1"]),
-    ({"NGPU": "2", "CUDA_VISIBLE_DEVICES": "3,3,5"}, ["3", "3"]),  # two runs on GPU 3
-    ({"NGPU": "3", "CUDA_VISIBLE_DEVICES": ""}, ["", "", ""]),  # three runs on the CPU
+@pytest.mark.parametrize("environ, gpus, slots", [
+    ({"NGPU": "2"}, 2, ["0", "1"]),
+    ({}, 3, ["0", "1", "2"]),  # every GPU
+    ({"NGPU": "1"}, 0, ["0"]),  # one run on a machine without GPU: the CPU
+    ({}, 0, ["0"]),
+    ({"NGPU": "2", "CUDA_VISIBLE_DEVICES": "3,3,5"}, 1, ["3", "3"]),  # two runs on GPU 3
+    ({"NGPU": "3", "CUDA_VISIBLE_DEVICES": ""}, 0, ["", "", ""]),  # three runs on the CPU
 ])
-def test_study_slots(environ, slots):
-    assert driver.parse_slots(environ) == slots
+def test_study_slots(environ, gpus, slots):
+    assert driver.parse_slots(environ, gpus) == slots
 
 
-def test_study_plans_runs_by_lr_then_seed_then_arm():
-    runs = driver.plan_runs(driver.parse_args(["compare", "--seeds", "0,1", "--lrs=1e-3,2e-3"]))
-    assert [str(r) for r in runs[:3]] == ["baseline, seed 0, lr 1e-3", "gated, seed 0, lr 1e-3",
-                                          "baseline, seed 1, lr 1e-3"]
-    assert len(runs) == 8 and str(runs[4]) == "baseline, seed 0, lr 2e-3"
-    assert runs[4].output("out") == os.path.join("out", "baseline-seed0-lr2e-3.out")
-    assert runs[4].flags("out") == ["--window", "0", "--gate", "none", "--run-name", "baseline", "--seed", "0", "--lr",
-                                    "2e-3", "--log-dir", "out"]
+@pytest.mark.parametrize("environ, gpus, message", [
+    ({"NGPU": "4"}, 1, "NGPU=4 runs at once, but torch.cuda.device_count() finds 1 GPU(s); set NGPU=1 or less, or "
+                       "list GPUs in CUDA_VISIBLE_DEVICES (one listed twice trains two runs on it)"),
+    ({"NGPU": "2"}, 0, "NGPU=2, but torch finds no GPU here; to train 2 runs at once on the CPU, set "
+                       "CUDA_VISIBLE_DEVICES= (empty)"),
+    ({"NGPU": "3", "CUDA_VISIBLE_DEVICES": "0,1"}, 8, "NGPU=3 runs at once, but CUDA_VISIBLE_DEVICES lists 2 GPU(s)"),
+    ({"NGPU": "0"}, 1, "NGPU=0: expected how many runs go at once, 1 or more"),
+])
+def test_study_refuses_slots_of_gpus_that_do_not_exist(environ, gpus, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        driver.parse_slots(environ, gpus)
+
+
+def test_study_plans_runs_by_lr_then_seed_then_arm(tmp_path):
+    study = driver.parse_args(["compare", "--seeds", "0,1", "--lrs=1e-3,2e-3", "--out", str(tmp_path), "--steps",
+                               "4800"])
+    runs = driver.plan_runs(study)
+    assert [str(r) for r in runs[:3]] == ["baseline, seed 0, lr 0.001", "gated, seed 0, lr 0.001",
+                                          "baseline, seed 1, lr 0.001"]
+    assert len(runs) == 8 and str(runs[4]) == "baseline, seed 0, lr 0.002"
+    assert runs[4].output == os.path.join(str(tmp_path), "baseline-lr0.002-seed0", "train.out")
+    assert runs[4].flags() == ["--window", "0", "--gate", "none", "--run-name", "baseline", "--seed", "0", "--lr",
+                               "0.002"]
+    assert (runs[4].config.lr, runs[4].config.steps, runs[5].config.window) == (0.002, 4800, 256)
+    (run, _) = driver.plan_runs(driver.parse_args(["compare", "--seeds", "1", "--out", "o", "--lr", "3e-3"]))
+    assert str(run) == "baseline, seed 1" and run.folder == os.path.join("o", "baseline-lr0.003-seed1")
 
 
 # Constructs that bash 3.2 (macOS's /bin/bash) lacks: a run.sh using one fails there at the line that uses it.
