@@ -219,7 +219,7 @@ def study_flags(tmp_path, *extra):
 
 def study_summaries(tmp_path):
     (study,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    runs = [json.loads(f.read_text()) for f in study.glob("*/summary.json")]
+    runs = [json.loads(f.read_text()) for f in study.glob("*/*/summary.json")]
     return study, sorted((r["run_name"], r["seed"]) for r in runs)
 
 
@@ -233,7 +233,8 @@ def test_run_sh_single_run_presets_train_their_attention(tmp_path, preset, windo
     assert (config["run_name"], config["window"], config["gate"]) == (preset, window, gate)
 
 
-def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the_table(tmp_path):
+def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two runs at once on the CPU, whatever GPUs there are
     tiny = study_flags(tmp_path)
     done = run_sh(tmp_path, "compare", "--seeds", "0,1", "--log-dir", str(tmp_path), *tiny, ngpu="2")
     assert done.returncode == 0, done.stderr
@@ -251,7 +252,7 @@ def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path):
     assert done.returncode == 0, done.stderr
     study, runs = study_summaries(tmp_path)
     assert runs == [("gated-64", 0), ("mix", 0)]
-    mix = read_metrics(next(d for d in study.glob("mix-*") if d.is_dir()))[-1]
+    mix = read_metrics(next(study.glob("mix-*/mix-*")))[-1]
     assert len(mix["gates"]["mean"]) == 2 and len(mix["sinks"]["first_token"]) == 2
 
 
@@ -283,8 +284,8 @@ def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not list(tmp_path.glob("compare-*/baseline-*/log.txt")) or \
-                "step:2/" not in next(tmp_path.glob("compare-*/baseline-*/log.txt")).read_text():
+        while not list(tmp_path.glob("compare-*/baseline-*/baseline-*/log.txt")) or \
+                "step:2/" not in next(tmp_path.glob("compare-*/baseline-*/baseline-*/log.txt")).read_text():
             assert time.time() < deadline and study.poll() is None
             time.sleep(0.5)
         study.send_signal(signal.SIGTERM)
@@ -293,16 +294,17 @@ def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest
         study.kill()
     assert study.returncode == 1
     assert "stopped" in stderr and stderr.count("skipped: ") == 3, stderr
-    (run,) = tmp_path.glob("compare-*/baseline-*/")
+    (run,) = tmp_path.glob("compare-*/baseline-*/baseline-*/")
     assert list(run.glob("ckpt_step*.pt")) and not (run / "summary.json").exists()
     assert not list(tmp_path.glob("compare-*/gated-*/"))
 
 
 def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):
     tiny = study_flags(tmp_path)
-    done = run_sh(tmp_path, "compare", "--seeds", "0", "--lrs", "-1", "--log-dir", str(tmp_path), *tiny)
+    done = run_sh(tmp_path, "compare", "--seeds", "0", "--log-dir", str(tmp_path), *tiny, "--val-files",
+                  str(tmp_path / "none_*.bin"))
     assert done.returncode == 1
-    assert "run baseline, seed 0, lr -1 failed" in done.stderr and "--lr -1.0: must be 0 or more" in done.stderr
+    assert "run baseline, seed 0 failed" in done.stderr and "none_*.bin' matches no files" in done.stderr
 
 
 def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
