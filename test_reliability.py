@@ -191,6 +191,19 @@ def test_resume_refuses_another_model_batch_or_data_and_lists_every_difference(u
     assert not (tmp_path / "logs").exists()
 
 
+def test_resume_refuses_a_checkpoint_of_another_data_order(uninterrupted, tmp_path):
+    """A checkpoint from before the loader read windows (no data_order, no --data-seed) cannot continue its data
+    stream, so resuming it is refused, saying why; nothing is created."""
+    checkpoint = torch.load(tg.run_checkpoints(uninterrupted)[-1], weights_only=True)
+    del checkpoint["data_order"], checkpoint["config"]["data_seed"]
+    old = tmp_path / "ckpt_step000016.pt"
+    torch.save(checkpoint, old)
+    with pytest.raises(ValueError, match="read the training data in another order") as error:
+        tg.main(["--resume", str(old), "--steps", "20", "--log-dir", str(tmp_path / "logs")])
+    assert "--data-seed None -> -1" in str(error.value)
+    assert not (tmp_path / "logs").exists()
+
+
 def test_resume_allows_a_longer_schedule_and_another_micro_batch_or_world_size(uninterrupted):
     checkpoint = tg.load_checkpoint(tg.checkpoint_path(uninterrupted, 3))
     args = tg.parse_args(flags("elsewhere", "--steps", "40", "--lr", "1e-3", "--micro-batch-tokens", "512"))
