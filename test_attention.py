@@ -129,7 +129,7 @@ def test_fa4_refuses_a_rule_that_is_not_a_window():
 
 
 def test_attention_backend_flag_checks():
-    with pytest.raises(ValueError, match="--attention-backend 'flash': use auto, flex or fa4"):
+    with pytest.raises(ValueError, match="--attention-backend 'flash': use one of auto, flex, fa4"):
         tg.check_config(tg.parse_args(["--attention-backend", "flash"]), world_size=1)
     with pytest.raises(ValueError, match="--attention-backend fa4 cannot run here: the device is the CPU"):
         tg.choose_attention_backend("fa4", tg.ModelConfig(), CPU)
@@ -138,7 +138,7 @@ def test_attention_backend_flag_checks():
 
 
 def test_loss_flag_checks():
-    with pytest.raises(ValueError, match="--loss 'liger': use auto, plain or fused"):
+    with pytest.raises(ValueError, match="--loss 'liger': use one of auto, plain, fused"):
         tg.check_config(tg.parse_args(["--loss", "liger"]), world_size=1)
     with pytest.raises(ValueError, match="--loss fused cannot run here: the device is the CPU"):
         tg.choose_loss("fused", CPU)

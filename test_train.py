@@ -2,6 +2,7 @@
 
     python -m pytest -q test_train.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,24 @@ def test_config_errors_name_the_flag(flags, message):
 def test_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         tg.parse_args(["--windw", "3"])
+
+
+def test_help_shows_every_flags_comment_default_and_accepted_values(capsys):
+    """--help gives each flag the comment on its Hyperparameters field (meaning and unit) and its default, the names
+    the name-valued flags accept (as check_config checks them), and the fields' group headings."""
+    with pytest.raises(SystemExit) as stopped:
+        tg.given_flags(["--help"])
+    assert stopped.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # without argparse's line wrapping
+    docs = tg.field_docs()
+    for field in dataclasses.fields(tg.Hyperparameters):
+        assert docs[field.name][1], f"{field.name} has no comment for --help"
+        assert "".join(docs[field.name][1].split()) in text, field.name
+    for expected in ("--batch-tokensBATCH_TOKENStokensperoptimizerstep,overallGPUsandaccumulationsteps(default:524288)",
+                     "--gate" + "|".join(tg.GATES), "--attention-backendauto|flex|fa4", "--lossauto|plain|fused",
+                     "--compiletrue|falsetorch.compilethemodel(CUDAonly)(default:true)",
+                     "--dist-timeoutDIST_TIMEOUTseconds(default:900)", "distributed:arankthatwaitslonger"):
+        assert expected in text
 
 
 def test_missing_data_points_to_the_downloader(tmp_path):

@@ -23,6 +23,7 @@ import datetime
 import functools
 import glob
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -50,15 +51,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 @dataclass
 class ModelConfig:
     """What the model is: GPT reads only these fields (the defaults give the paper's ~134M-parameter model)."""
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
-    n_layer: int = 12
-    d_model: int = 768
+    # shape
+    vocab_size: int = 50304  # token ids: GPT-2's 50257 padded to a multiple of 128
+    n_layer: int = 12  # transformer blocks
+    d_model: int = 768  # width of the residual stream
     n_head: int = 12  # query heads
     n_kv_head: int = 4  # key/value heads, shared by n_head // n_kv_head query heads each
-    head_dim: int = 128
-    mlp_hidden: int = 2048
-    rope_base: float = 10000.0
+    head_dim: int = 128  # channels per head
+    mlp_hidden: int = 2048  # the SwiGLU MLP's hidden width
+    rope_base: float = 10000.0  # the rotary embeddings' base (RoFormer's)
     seq_len: int = 1024  # tokens per sequence (the rotary tables' length)
+
     # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
     gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
@@ -72,11 +75,13 @@ class ModelConfig:
 
 @dataclass
 class Hyperparameters(ModelConfig):
-    """Every field, the model's included, is a command-line flag: --field-name value."""
+    """Every field, the model's included, is a command-line flag: --field-name value. The comment after a field (and
+    the comment lines right below it) is its --help; a comment after a blank line heads the group of flags below it."""
     # data
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # tokens per evaluation, the same ones every time
+
     # optimisation
     batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and accumulation steps
     micro_batch_tokens: int = 65_536  # tokens per forward/backward on one device
@@ -84,27 +89,31 @@ class Hyperparameters(ModelConfig):
     lr: float = 1e-3  # peak learning rate
     warmup_steps: int = 200  # linear warmup from 0
     cooldown_steps: int = 1000  # linear decay to 0 over the last steps
-    weight_decay: float = 0.1  # on matrices and embeddings only
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings only
+    beta1: float = 0.9  # AdamW's decay rate of the gradient's running mean
+    beta2: float = 0.95  # AdamW's decay rate of the squared gradient's running mean
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    seed: int = 0
+    seed: int = 0  # the initial weights and the training shards' order
+
     # speed: the same model and training on every choice
     attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
     # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
     loss: str = "auto"  # "fused" (liger-kernel's linear cross-entropy: a quarter of the memory), "plain", or "auto":
     # fused where it can run (CUDA, liger-kernel installed), else plain
     compile: bool = True  # torch.compile the model (CUDA only)
+
     # evaluation and logging
     val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
     log_dir: str = "logs"  # each run gets a new subdirectory here
-    run_name: str = "run"  # prefix of the run's directory name
-    peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
+    run_name: str = "run"  # prefix of the run's directory name (a name, not a path)
+    peak_tflops: float = 790.0  # bf16 dense peak of one GPU, in TFLOP/s, for MFU (measured on H100 and H200)
+
     # checkpoints and guards
     save_every: int = 500  # steps between checkpoints, plus one after the last step; 0 = only that one
     keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
     resume: str = ""  # continue from this checkpoint, or from a run directory's newest one; "" = a new run
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops
+
     # distributed: a rank that waits longer than dist_timeout for the others in one collective fails, and so the job
     # does, rather than a hung or lost rank holding every GPU forever. A healthy run waits longest while one rank
     # compiles the first steps after another has finished (minutes on a GPU) and while rank 0 writes a checkpoint
@@ -113,16 +122,58 @@ class Hyperparameters(ModelConfig):
     dist_timeout: int = 900  # seconds
 
 
+ATTENTION_BACKENDS = ("auto", "flex", "fa4")  # --attention-backend's values
+LOSSES = ("auto", "plain", "fused")  # --loss's values
+
+
+def flag_choices() -> dict:
+    """The flags that take one of a few names, and those names (GATES is defined with Gate, below)."""
+    return {"gate": GATES, "attention_backend": ATTENTION_BACKENDS, "loss": LOSSES}
+
+
+FIELD_LINE = re.compile(r"    (\w+): [^=]+= .*?(?:  # (.*))?")
+COMMENT_LINE = re.compile(r"    # (.*)")
+
+
+def field_docs() -> dict:
+    """{field: [its group's heading, its help]}, read from the comments of ModelConfig and Hyperparameters (the
+    convention their docstring states), so that --help says what the source says."""
+    docs, heading, target = {}, "", None  # target: the field a comment line continues, "" a heading, None neither
+    for cls in (ModelConfig, Hyperparameters):
+        for line in inspect.getsource(cls).splitlines():
+            if field_line := FIELD_LINE.fullmatch(line):
+                target = field_line[1]
+                docs[target] = [heading, field_line[2] or ""]
+            elif comment := COMMENT_LINE.fullmatch(line):
+                if target is None:
+                    heading, target = comment[1], ""
+                elif target == "":
+                    heading += "\n" + comment[1]  # kept as written: the help prints a group's heading unwrapped
+                else:
+                    docs[target][1] += " " + comment[1]
+            else:
+                target = None
+    return docs
+
+
 def given_flags(argv=None) -> dict:
     """The flags on the command line, {field: value}: one `--field value` flag per Hyperparameters field; unknown
     flags are errors. Only those given, so that a resumed run takes the rest from its checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
+    docs, groups, choices = field_docs(), {}, flag_choices()
     for f in fields(Hyperparameters):
+        heading, text = docs[f.name]
+        title, _, description = heading.partition(": ")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title, description or None)
+        default = repr(f.default) if isinstance(f.default, str) else str(f.default).lower()  # as a flag takes it
+        kwargs = {"help": f"{text} (default: {default})".replace("%", "%%")}  # argparse %-formats help
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag(f.name), type=_parse_bool, metavar="true|false", help=f"default {f.default}")
+            kwargs.update(type=_parse_bool, metavar="true|false")
         else:
-            parser.add_argument(flag(f.name), type=type(f.default), help=f"default {f.default!r}")
+            kwargs.update(type=type(f.default), metavar="|".join(choices[f.name]) if f.name in choices else None)
+        groups[title].add_argument(flag(f.name), **kwargs)
     return vars(parser.parse_args(argv))
 
 
@@ -1168,12 +1219,9 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
             problems.append(f"{flag(name)} {getattr(args, name)}: must lie in [0, 1)")
     if problems:  # the checks below divide by these sizes
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
-    if args.attention_backend not in ("auto", "flex", "fa4"):
-        problems.append(f"--attention-backend {args.attention_backend!r}: use auto, flex or fa4")
-    if args.loss not in ("auto", "plain", "fused"):
-        problems.append(f"--loss {args.loss!r}: use auto, plain or fused")
-    if args.gate not in GATES:
-        problems.append(f"--gate {args.gate!r}: use one of {', '.join(GATES)}")
+    for name, allowed in flag_choices().items():
+        if getattr(args, name) not in allowed:
+            problems.append(f"{flag(name)} {getattr(args, name)!r}: use one of {', '.join(allowed)}")
     if args.gate == "mix" and not 0 < args.window < args.seq_len:
         problems.append(f"--gate mix mixes a window with full attention: give it a --window between 1 and "
                         f"--seq-len {args.seq_len}, not {args.window}")
