@@ -344,10 +344,24 @@ def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
     (["--skip-nonfinite", "-1"], "--skip-nonfinite -1: must be 0 or more"),
     (["--dist-timeout", "0"], "--dist-timeout 0: must be positive"),
     (["--beta2", "1.0"], r"--beta2 1.0: must lie in \[0, 1\)"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
+    (["--grad-clip", "inf"], "--grad-clip inf: must be a finite number"),
+    (["--window", "128", "--seq-len", "128"], "--window 128: a window of --seq-len 128 tokens or more is full causal "
+                                              "attention; use --window 0 for that, or a window below 128"),
+    (["--window", "4096"], "--window 4096: a window of --seq-len 1024 tokens or more"),
+    (["--run-name", "../../x"], "--run-name '../../x': a name, not a path; pass the directory as --log-dir"),
 ])
 def test_config_checks_name_the_flag(bad, message):
     with pytest.raises(ValueError, match=message):
         tg.check_config(tg.parse_args(bad), world_size=1)
+
+
+def test_a_window_below_seq_len_and_a_run_name_with_dots_are_fine():
+    """--window seq_len - 1 still leaves out the oldest key of the last query; a name with dots stays a name (the
+    run directory is the name plus a time stamp)."""
+    tg.check_config(tg.parse_args(["--window", "1023", "--run-name", ".."]), world_size=1)
 
 
 def damaged_copy(tmp_path):
@@ -368,8 +382,10 @@ def damaged_copy(tmp_path):
      r"hold 850000 tokens, fewer than the 1048577 of one batch"),
     (lambda d: ["--resume", str(d / "nothing")], r"--resume .*nothing: no such file or directory"),
     (lambda d: ["--log-dir", SAMPLE_TRAIN.replace("*", "000001")], r"--log-dir .*: cannot make a run directory"),
+    (lambda d: ["--lr", "nan"], "--lr nan: must be a finite number"),
+    (lambda d: ["--run-name", "../escaped"], "--run-name '../escaped': a name, not a path"),
 ])
 def test_input_errors_stop_the_run_before_it_makes_a_directory(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
         tg.main(flags(tmp_path / "logs", *bad(tmp_path)))
-    assert not (tmp_path / "logs").exists()
+    assert not [path for path in tmp_path.iterdir() if path.is_dir()]

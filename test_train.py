@@ -194,9 +194,10 @@ def run_sh(tmp_path, *args, ngpu="1"):
 
 
 def study_flags(tmp_path, *extra):
-    """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory."""
+    """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory;
+    sequences of 512, longer than the arms' 256-token window."""
     flags = tiny_run(tmp_path, "--steps", "2", "--warmup-steps", "1", "--cooldown-steps", "1", "--batch-tokens",
-                     "1024", "--val-tokens", "1024", "--val-every", "0", *extra)
+                     "1024", "--val-tokens", "1024", "--val-every", "0", "--seq-len", "512", *extra)
     at = flags.index("--log-dir")
     return flags[:at] + flags[at + 2:]
 
@@ -230,7 +231,7 @@ def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the
 
 
 def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path):
-    tiny = study_flags(tmp_path, "--seq-len", "512")
+    tiny = study_flags(tmp_path)
     done = run_sh(tmp_path, "ablate", "--arms", "gated-64,mix", "--log-dir", str(tmp_path), *tiny)
     assert done.returncode == 0, done.stderr
     study, runs = study_summaries(tmp_path)

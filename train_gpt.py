@@ -1205,9 +1205,11 @@ def setup_distributed(timeout_s: int):
 
 def check_config(args: Hyperparameters, world_size: int) -> int:
     """Checks flags that must agree before any work; returns the gradient accumulation steps."""
-    problems = []
+    # a NaN passes every comparison below, and a NaN or infinite --lr or --weight-decay would only show steps later
+    problems = [f"{flag(f.name)} {getattr(args, f.name)}: must be a finite number" for f in fields(args)
+                if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name))]
     for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "rope_base",
-                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps", "dist_timeout"):
+                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps", "peak_tflops", "dist_timeout"):
         if getattr(args, name) <= 0:
             problems.append(f"{flag(name)} {getattr(args, name)}: must be positive")
     for name in ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "val_every", "save_every",
@@ -1227,6 +1229,11 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
                         f"--seq-len {args.seq_len}, not {args.window}")
     if args.window < 0:
         problems.append(f"--window {args.window}: use 0 (full causal) or a positive number of tokens")
+    if args.window >= args.seq_len:  # every query of a sequence sees at most seq_len keys, itself included
+        problems.append(f"--window {args.window}: a window of --seq-len {args.seq_len} tokens or more is full causal "
+                        f"attention; use --window 0 for that, or a window below {args.seq_len}")
+    if os.path.basename(args.run_name) != args.run_name:
+        problems.append(f"--run-name {args.run_name!r}: a name, not a path; pass the directory as --log-dir")
     if args.n_head % args.n_kv_head:
         problems.append(f"--n-head {args.n_head} is not a multiple of --n-kv-head {args.n_kv_head}")
     if args.head_dim % 2:
