@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_train import HERE, SAMPLE_TRAIN, make_shards, read_metrics, tiny_run
+from test_train import HERE, SAMPLE_TRAIN, make_shards, only_run_dir, read_metrics, tiny_run
 
 CPU = torch.device("cpu")
 # run.sh's allocator settings: without them glibc hands the logits' memory back to the OS after every step
@@ -189,6 +189,18 @@ def test_resume_refuses_another_model_batch_or_data_and_lists_every_difference(u
         assert difference in message
     assert "--warmup-steps" not in message and "ckpt_step000016.pt" in message
     assert not (tmp_path / "logs").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_extend_it(uninterrupted, tmp_path):
+    """A finished run resumed as it is would train no step; it is refused before any directory exists, and the
+    --steps it names continues the run."""
+    with pytest.raises(ValueError, match=rf"--resume .*ckpt_step0000{STEPS}.pt: the run is finished, at step {STEPS} "
+                                         rf"of --steps {STEPS}; to train it further, pass --steps M with M > {STEPS}"):
+        tg.main(["--resume", uninterrupted, "--log-dir", str(tmp_path / "logs")])
+    assert not (tmp_path / "logs").exists()
+    tg.main(["--resume", uninterrupted, "--steps", str(STEPS + 2), "--log-dir", str(tmp_path / "logs")])
+    steps = [m["step"] for m in read_metrics(only_run_dir(tmp_path / "logs"))]
+    assert steps == [STEPS, STEPS + 1, STEPS + 2, STEPS + 2]  # an evaluation at the start (--val-every 4), 2 steps, the end
 
 
 def test_resume_allows_a_longer_schedule_and_another_micro_batch_or_world_size(uninterrupted):
