@@ -2,6 +2,8 @@
 
     python -m pytest -q test_reliability.py
 """
+import errno
+import fcntl
 import glob
 import json
 import os
@@ -139,6 +141,10 @@ def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path)
     assert checkpoint["rng_cpu"].dtype == torch.uint8 and checkpoint["rng_cuda"] is None
 
 
+class Killed(BaseException):
+    """The process dying mid-write (SIGKILL, a lost node): nothing of write_checkpoint's runs after it."""
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """A write that dies halfway leaves only a .tmp file: the earlier checkpoint stays, whole and newest."""
     first = tg.checkpoint_path(str(tmp_path), 1)
@@ -146,14 +152,65 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
 
     def crash_halfway(state, f):
         f.write(b"PK\x03\x04 half a zip")
-        raise OSError("simulated crash")
+        raise Killed
 
     monkeypatch.setattr(tg.torch, "save", crash_halfway)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(Killed):
         tg.write_checkpoint(tg.checkpoint_path(str(tmp_path), 2), {"weights": torch.zeros(1000)}, keep=1)
     assert sorted(os.listdir(tmp_path)) == ["ckpt_step000001.pt", "ckpt_step000002.pt.tmp"]
     assert tg.find_checkpoint(str(tmp_path)) == first
     assert torch.equal(torch.load(first, weights_only=True)["weights"], torch.ones(1000))
+
+
+def test_a_full_disk_during_a_checkpoint_write_removes_the_partial_file_and_says_how_much_space_it_needs(
+        tmp_path, monkeypatch):
+    first = tg.checkpoint_path(str(tmp_path), 1)
+    tg.write_checkpoint(first, {"weights": torch.ones(1000)}, keep=1)
+
+    def fill_the_disk(state, f):
+        f.write(b"x" * 3000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tg.torch, "save", fill_the_disk)
+    second = tg.checkpoint_path(str(tmp_path), 2)
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(second)}: the write failed after 3,000 bytes "
+                                         rf"\(\[Errno 28\] No space left on device\); the checkpoint needs about 8,000 "
+                                         rf"bytes and its disk has [\d,]+ free\. The partial file is removed and the "
+                                         rf"earlier checkpoints are whole: free space, then resume from {tmp_path}$"):
+        tg.write_checkpoint(second, {"weights": torch.zeros(1000, dtype=torch.float64), "step": 2}, keep=1)
+    assert os.listdir(tmp_path) == ["ckpt_step000001.pt"]
+    assert torch.equal(torch.load(first, weights_only=True)["weights"], torch.ones(1000))
+
+
+def test_a_write_that_fails_part_way_inside_torch_save_is_reported_the_same(tmp_path):
+    """torch.save itself, stopped part-way by the file size limit (as by a full disk), reports "unexpected pos", not
+    the OSError; that is caught too."""
+    script = (f"import resource, signal, sys, torch; sys.path.insert(0, {HERE!r}); import train_gpt as tg; "
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY)); "
+              "tg.write_checkpoint(sys.argv[1], {'weights': torch.ones(100_000)}, keep=1)")
+    path = tg.checkpoint_path(str(tmp_path), 1)
+    done = subprocess.run([sys.executable, "-c", script, path], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert re.search(rf"ValueError: checkpoint {re.escape(path)}: the write failed after 100,000 bytes \(.*unexpected "
+                     r"pos .*\); the checkpoint needs about 400,000 bytes", done.stderr), done.stderr[-3000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_run_removes_the_partial_checkpoints_of_killed_writes_beside_its_checkpoint(uninterrupted, tmp_path):
+    """Files of killed writes go, and the log says so; a write still going on (it holds its lock) and every other
+    file stay."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tg.checkpoint_path(uninterrupted, 3), killed)
+    (killed / "ckpt_step000004.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    (killed / "notes.tmp").write_bytes(b"the user's")
+    with open(killed / "ckpt_step000005.pt.tmp", "wb") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)
+        tg.main(["--resume", str(killed), "--steps", "6", "--log-dir", str(tmp_path / "logs")])
+    assert sorted(os.listdir(killed)) == ["ckpt_step000003.pt", "ckpt_step000005.pt.tmp", "notes.tmp"]
+    with open(os.path.join(only_run_dir(tmp_path / "logs"), "log.txt")) as f:
+        assert f"removed {killed / 'ckpt_step000004.pt.tmp'} (15 bytes): a checkpoint whose write was killed\n" in f.read()
 
 
 def test_resume_finds_the_newest_checkpoint_and_rejects_bad_paths(tmp_path):

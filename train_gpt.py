@@ -20,6 +20,7 @@ with open(__file__) as f:
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import functools
 import glob
 import importlib.metadata
@@ -29,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -926,6 +928,9 @@ def main(argv=None):
         last_checkpoint = args.resume
         print0(f"resumed from {args.resume} at step {start_step}"
                + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
+        if master:  # the run resumed from may have been killed while writing a checkpoint beside this one
+            for note in remove_partial_checkpoints(os.path.dirname(args.resume) or "."):
+                print0(note)
         del checkpoint  # frees the CPU copy of weights and moments
 
     def save_checkpoint(step: int) -> str:
@@ -1074,16 +1079,57 @@ def run_checkpoints(run_dir: str) -> list:
 
 def write_checkpoint(path: str, state: dict, keep: int):
     """Writes a temporary file and renames it into place, so a crash mid-write leaves the earlier checkpoints
-    whole and nothing damaged under a checkpoint's name; then deletes all but the run's `keep` newest (0 = none)."""
+    whole and nothing damaged under a checkpoint's name; then deletes all but the run's `keep` newest (0 = none).
+    A write that fails (a full disk) removes its temporary file and says how much space the checkpoint needs."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in its place
+    try:
+        with open(tmp, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # held while the file is written: remove_partial_checkpoints leaves it be
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in its place
+    except (OSError, RuntimeError) as error:  # torch.save reports a write that fails part-way as "unexpected pos"
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        run_dir = os.path.dirname(path) or "."
+        raise ValueError(f"checkpoint {path}: the write failed after {written:,} bytes ({error}); the checkpoint needs "
+                         f"about {state_bytes(state):,} bytes and its disk has {shutil.disk_usage(run_dir).free:,} "
+                         f"free. The partial file is removed and the earlier checkpoints are whole: free space, then "
+                         f"resume from {run_dir}") from error
     os.replace(tmp, path)
     if keep:
         for old in run_checkpoints(os.path.dirname(path))[:-keep]:
             os.remove(old)
+
+
+def state_bytes(value) -> int:
+    """The bytes of the tensors in a checkpoint's state: the size of its file, within the zip format's overhead."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(map(state_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+PARTIAL_CHECKPOINT_NAME = re.compile(r"ckpt_step\d+\.pt\.tmp")
+
+
+def remove_partial_checkpoints(run_dir: str) -> list:
+    """Removes the temporary files of checkpoint writes that were killed (SIGKILL, a lost node) from run_dir, and
+    returns a note on each. A write still going on holds a lock on its file (write_checkpoint), which is left."""
+    notes = []
+    for name in sorted(filter(PARTIAL_CHECKPOINT_NAME.fullmatch, os.listdir(run_dir))):
+        path = os.path.join(run_dir, name)
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            size = os.fstat(f.fileno()).st_size
+            os.remove(path)
+        notes.append(f"removed {path} ({size:,} bytes): a checkpoint whose write was killed")
+    return notes
 
 
 def find_checkpoint(path: str, argument: str = "--resume") -> str:
