@@ -13,7 +13,7 @@ A window-only model (--window W) becomes a Qwen3 model whose every layer is a "s
 sliding_window W: transformers lets key j reach query i iff 0 <= i - j < W, as train_gpt.py's
 sliding_window_mask does. Stock Qwen3 has no head gate, so a gated model (--gate head) gets model type
 "gated_qwen3": its folder also holds modeling_gated_qwen3.py (Qwen3 with the gate), which config.json's
-auto_map names, and its gates are model.layers.{i}.self_attn.gate.weight and .bias. --gate mix is refused.
+auto_map names, and its gates are model.layers.{i}.self_attn.gate.weight and .bias. --mix-full is refused.
 GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) are made from data/gpt2.tiktoken.
 """
 import argparse
@@ -183,9 +183,9 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
     path = find_checkpoint(checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(path, "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
-    if args.gate == "mix":
-        raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "
-                         f"place for; export a none or head model")
+    if args.mix_full:
+        raise ValueError(f"{path}: a --mix-full model runs two attention passes per layer, which Qwen3 has no "
+                         f"place for; export a model without --mix-full, or sample it with sample.py")
     if args.gate not in ("none", *HEAD_GATES):
         raise ValueError(f"{path}: a --gate {args.gate} model has a gate per channel, which modeling_gated_qwen3.py "
                          f"does not have; export a none or head model, or sample it with sample.py")

@@ -8,7 +8,7 @@
 #   gate      full causal attention + head gate (ablation)
 #   compare   baseline and gated over several seeds (--seeds 0,1,2) and learning rates (--lrs 1e-3,2e-3), then
 #             a table beside the paper's Table 1 (logs/compare-<time>/table.md)
-#   ablate    window only, gate only, windows 64/128/256/512 with the gate, full attention, and the --gate mix
+#   ablate    window only, gate only, windows 64/128/256/512 with the gate, full attention, and the --mix-full
 #             reading (--seeds 0 by default), then the same table (logs/ablate-<time>/table.md)
 #   compare and ablate run in study.py (its docstring has the details): --arms a,b for some arms only, --log-dir DIR
 #             for the study's directory; each run trains on one GPU, NGPU at once, the next one starting on the

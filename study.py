@@ -35,7 +35,7 @@ ARMS = {
     "gated-64": "--window 64 --gate head",
     "gated-128": "--window 128 --gate head",
     "gated-512": "--window 512 --gate head",
-    "mix": "--window 256 --gate mix",
+    "mix": "--window 256 --gate head --mix-full true",
 }
 # Each study's default arms and seeds.
 STUDIES = {"compare": ("baseline,gated", "0,1,2"), "ablate": (",".join(ARMS), "0")}

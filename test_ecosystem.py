@@ -229,13 +229,14 @@ def test_transformers_generate_equals_greedy_sampling(tmp_path, trained, gate):
     assert out[0, prompt.size(1):].tolist() == new
 
 
-@pytest.mark.parametrize("gate, refusal", [("mix", "--gate mix"),
-                                           ("channel", "a --gate channel model has a gate per channel")])
-def test_mix_and_channel_gates_sample_but_are_not_exported(tmp_path, gate, refusal):
-    """sample.py runs both passes of --gate mix, and a gate per channel (greedy equals the argmax of the model's own
-    logits); export_hf.py refuses both, naming the gate: Qwen3 has one attention per layer, and
+@pytest.mark.parametrize("flags, refusal", [
+    ({"gate": "head", "mix_full": True}, "a --mix-full model runs two attention passes per layer"),
+    ({"gate": "channel"}, "a --gate channel model has a gate per channel")])
+def test_mix_full_and_channel_gates_sample_but_are_not_exported(tmp_path, flags, refusal):
+    """sample.py runs both passes of --mix-full, and a gate per channel (greedy equals the argmax of the model's own
+    logits); export_hf.py refuses both, naming the flag: Qwen3 has one attention per layer, and
     modeling_gated_qwen3.py one gate per head."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate=gate)
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, **flags)
     new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
     ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
     with torch.no_grad():
@@ -244,6 +245,21 @@ def test_mix_and_channel_gates_sample_but_are_not_exported(tmp_path, gate, refus
     with pytest.raises(ValueError, match=refusal):
         export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_of_gate_mix_loads_as_mix_full(tmp_path):
+    """A checkpoint from before --mix-full, when the same model was --gate mix, loads as --gate head --mix-full true
+    (the same weights and logits), not as a head-gated model without its full attention pass."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head", mix_full=True)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    checkpoint["config"] = {**{k: v for k, v in checkpoint["config"].items() if k != "mix_full"}, "gate": "mix"}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = sample.load_model(str(tmp_path / "old.pt"), CPU)
+    assert (loaded.cfg.gate, loaded.cfg.mix_full) == ("head", True)
+    ids = torch.randint(0, 50257, (1, 40))
+    with torch.no_grad():
+        logits = [m.logits(ids, m.masks(ids.size(1), CPU)) for m in (loaded, model)]
+    torch.testing.assert_close(*logits, rtol=0, atol=0)
 
 
 def test_sampling_repeats_for_a_seed(tmp_path):

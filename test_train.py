@@ -71,8 +71,9 @@ def test_run_directories_are_never_reused(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--gate", "both"], "--gate 'both'"),
-    (["--gate", "mix", "--window", "0"], "--gate mix mixes a window with full attention"),
-    (["--gate", "mix", "--window", "1024", "--seq-len", "1024"], "not 1024"),
+    (["--mix-full", "true", "--gate", "head"], "--mix-full mixes a window with full causal attention: give it a "
+                                               "--window between 1 and --seq-len 1024, not 0"),
+    (["--mix-full", "true", "--window", "256"], "--mix-full mixes by the gate: give it a --gate other than none"),
     (["--window", "-1"], "--window -1"),
     (["--n-head", "6", "--n-kv-head", "4"], "--n-head 6 is not a multiple of --n-kv-head 4"),
     (["--micro-batch-tokens", "1000", "--seq-len", "128"], "--micro-batch-tokens 1000 is not a multiple"),

@@ -5,7 +5,7 @@ A Qwen3-style decoder (pre-norm RMSNorm, RoPE, grouped-query attention with RMSN
 MLP, tied embeddings, no biases) trained on pre-tokenized GPT-2 shards. Attention is one function with two
 knobs: `--window W` limits each query to itself and the W-1 tokens before it (0 = full causal), and
 `--gate head` multiplies each head's output by g = sigmoid(W_g x + b_g), a learned gate per head and token,
-as in "Dynamic Sparse Attention with Learned Head Gating" (`--gate mix` is the paper's other reading: each head
+as in "Dynamic Sparse Attention with Learned Head Gating" (`--mix-full true` is the paper's other reading: each head
 mixes its windowed and its full causal attention, g * local + (1 - g) * global). Which keys a query sees is one
 function, sliding_window_mask; on CUDA it runs through FlashAttention-4 (where installed) or FlexAttention, on
 the CPU, where FlexAttention has no backward, as a dense mask for SDPA.
@@ -66,9 +66,10 @@ class ModelConfig:
 
     # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
-    gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
-    # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g); the head gate's
+    gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; the head gate's
     # variants "channel", "head-nobias" and "head-open" (Gate)
+    mix_full: bool = False  # the gate g mixes each head's windowed attention (g) with its full causal attention
+    # (1 - g) instead of scaling it: a second attention pass, the paper's other reading; needs --window and --gate
 
     @classmethod
     def from_args(cls, args: "Hyperparameters") -> "ModelConfig":
@@ -272,7 +273,7 @@ def build_mask(mask_mod, seq_len: int, device, backend: str):
 
 class AttentionMasks(NamedTuple):
     """What GPT.masks builds and every Attention layer reads: the rule's mask, and the full causal mask that
-    --gate mix mixes it with (None otherwise)."""
+    --mix-full mixes it with (None otherwise: Attention then has one pass)."""
     local: object
     full: object = None
 
@@ -394,13 +395,13 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-GATES = ("none", "head", "mix", "channel", "head-nobias", "head-open")  # --gate's values; Gate says what each does
+GATES = ("none", "head", "channel", "head-nobias", "head-open")  # --gate's values; Gate says what each does
 
 
 class Gate(nn.Module):
     """The gate on the attention output, from the attention's normed input x: g = sigmoid(W_g x + b_g), in (0, 1).
 
-    --gate head (the paper's, and mix's): one gate per head and token. It starts with W_g = 0 and b_g = 0: every gate
+    --gate head (the paper's): one gate per head and token. It starts with W_g = 0 and b_g = 0: every gate
     is 0.5, the sigmoid's steepest point, so it learns fastest there and starts from no preference between heads or
     tokens; the constant factor 0.5 is absorbed by o_proj. The variants, for the study of which part matters:
     channel, one gate per channel of each head (n_head x head_dim outputs, the elementwise gate of Qwen's gated
@@ -426,7 +427,7 @@ class Gate(nn.Module):
 
 
 def gate_mix(g, local, full):
-    """--gate mix: g of the windowed attention and 1 - g of the full causal one (outputs, or attention weights)."""
+    """--mix-full: g of the windowed attention and 1 - g of the full causal one (outputs, or attention weights)."""
     return g * local + (1 - g) * full
 
 
@@ -447,7 +448,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.gate_kind = cfg.gate
         self.gate = Gate(cfg) if cfg.gate != "none" else None
         self.observer = None  # probe() sets a function here to see this layer's gates and attention weights
 
@@ -465,13 +465,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         y = attention(q, k, v, masks.local).transpose(1, 2)  # B, T, H, D
         g = self.gate(x) if self.gate is not None else None  # B, T, H, 1
-        if self.gate_kind == "mix":
+        if masks.full is not None:  # --mix-full
             y = gate_mix(g, y, attention(q, k, v, masks.full).transpose(1, 2))
         elif g is not None:
             y = y * g  # on flex, fused by torch.compile into the copy that lays y out for o_proj
         if self.observer is not None:  # the weights the output is made of (--gate head scales the output instead)
             weights = attention_weights(q, k, masks.local)
-            if self.gate_kind == "mix":
+            if masks.full is not None:
                 weights = gate_mix(g.transpose(1, 2), weights, attention_weights(q, k, masks.full))
             self.observer(g, weights)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
@@ -546,7 +546,7 @@ class GPT(nn.Module):
     def masks(self, seq_len: int, device, backend: str = "sdpa") -> AttentionMasks:
         """This model's attention masks for sequences of seq_len, as `backend` (build_mask) takes them; the
         dense "sdpa" masks serve any device and any length (sampling, the probe)."""
-        full = sliding_window_mask(dataclasses.replace(self.cfg, window=0)) if self.cfg.gate == "mix" else None
+        full = sliding_window_mask(dataclasses.replace(self.cfg, window=0)) if self.cfg.mix_full else None
         return AttentionMasks(build_mask(sliding_window_mask(self.cfg), seq_len, device, backend),
                               None if full is None else build_mask(full, seq_len, device, backend))
 
@@ -609,10 +609,10 @@ def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
 
 def attention_flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs of QK^T and PV per token, counting only the (query, key) pairs the visibility rule lets
-    attend: 2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --gate mix adds
+    attend: 2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --mix-full adds
     its second, full causal pass."""
     pairs = visible_pairs(sliding_window_mask(cfg), cfg.seq_len)
-    if cfg.gate == "mix":
+    if cfg.mix_full:
         pairs += visible_pairs(sliding_window_mask(dataclasses.replace(cfg, window=0)), cfg.seq_len)
     return 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * pairs / cfg.seq_len
 
@@ -795,7 +795,7 @@ def probe(model: GPT, idx) -> dict:
     sequence's first token, and on the first token it sees (the oldest key of its window; the same token under
     full attention).
     Each layer's Attention hands its gates and attention weights over from the forward pass itself (its
-    observer), with dense masks: under --gate mix the weights are the mixture a head's output is made of; a
+    observer), with dense masks: under --mix-full the weights are the mixture a head's output is made of; a
     --gate head gate scales the output, not the weights, so there they are the softmax's."""
     was_training = model.training
     model.eval()
@@ -1154,6 +1154,10 @@ def load_checkpoint(path: str, argument: str = "--resume") -> dict:
         raise ValueError(f"{argument} {path}: not a readable checkpoint ({error}); pass an earlier one") from error
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise ValueError(f"{argument} {path}: not a checkpoint written by train_gpt.py; pass a ckpt_step*.pt file")
+    config = checkpoint["config"]
+    if "mix_full" not in config:  # written before --mix-full, which was then --gate mix: the same model, respelled
+        mixed = config["gate"] == "mix"
+        checkpoint["config"] = {**config, "gate": "head" if mixed else config["gate"], "mix_full": mixed}
     return checkpoint
 
 
@@ -1273,9 +1277,11 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
     for name, allowed in flag_choices().items():
         if getattr(args, name) not in allowed:
             problems.append(f"{flag(name)} {getattr(args, name)!r}: use one of {', '.join(allowed)}")
-    if args.gate == "mix" and not 0 < args.window < args.seq_len:
-        problems.append(f"--gate mix mixes a window with full attention: give it a --window between 1 and "
-                        f"--seq-len {args.seq_len}, not {args.window}")
+    if args.mix_full and args.window == 0:
+        problems.append(f"--mix-full mixes a window with full causal attention: give it a --window between 1 and "
+                        f"--seq-len {args.seq_len}, not 0")
+    if args.mix_full and args.gate == "none":
+        problems.append("--mix-full mixes by the gate: give it a --gate other than none (--gate head is the paper's)")
     if args.window < 0:
         problems.append(f"--window {args.window}: use 0 (full causal) or a positive number of tokens")
     if args.window >= args.seq_len:  # every query of a sequence sees at most seq_len keys, itself included
