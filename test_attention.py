@@ -323,7 +323,7 @@ def uniform_attention_model(gate, window, T=40, mix_full=False):
 
 
 @pytest.mark.parametrize("gate, window, mix_full", [("none", 0, False), ("none", 8, False), ("head", 8, False),
-                                                   ("head", 8, True), ("channel", 8, False)])
+                                                   ("head", 8, True), ("channel", 8, False), ("channel", 8, True)])
 def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(gate, window, mix_full):
     T = 40
     model, g = uniform_attention_model(gate, window, T, mix_full)

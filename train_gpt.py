@@ -431,13 +431,6 @@ def gate_mix(g, local, full):
     return g * local + (1 - g) * full
 
 
-def attention_weights(q, k, mask):
-    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -449,7 +442,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.gate = Gate(cfg) if cfg.gate != "none" else None
-        self.observer = None  # probe() sets a function here to see this layer's gates and attention weights
+        self.observer = None  # probe() sets a function here to see this layer's queries, keys, gates and masks
 
     def qkv(self, x, cos, sin):
         """Queries (B, H, T, D) and keys, values (B, H_kv, T, D), normalised and rotated: views of (B, T, H, D)."""
@@ -464,16 +457,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         y = attention(q, k, v, masks.local).transpose(1, 2)  # B, T, H, D
-        g = self.gate(x) if self.gate is not None else None  # B, T, H, 1
-        if masks.full is not None:  # --mix-full
+        g = self.gate(x) if self.gate is not None else None  # B, T, H, 1 (B, T, H, D: a gate per channel)
+        if masks.full is not None:  # --mix-full: a second, full causal pass
             y = gate_mix(g, y, attention(q, k, v, masks.full).transpose(1, 2))
         elif g is not None:
             y = y * g  # on flex, fused by torch.compile into the copy that lays y out for o_proj
-        if self.observer is not None:  # the weights the output is made of (--gate head scales the output instead)
-            weights = attention_weights(q, k, masks.local)
-            if masks.full is not None:
-                weights = gate_mix(g.transpose(1, 2), weights, attention_weights(q, k, masks.full))
-            self.observer(g, weights)
+        if self.observer is not None:
+            self.observer(q, k, g, masks)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -787,6 +777,14 @@ def evaluate(model, loader: DataLoader, steps: int, masks: AttentionMasks) -> fl
 PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention weights stay small at T = 1024
 
 
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T).
+    The probe's own: the kernels of attention() never materialise the weights."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 @torch.no_grad()
 def probe(model: GPT, idx) -> dict:
     """How the attention of `model` behaves on validation tokens idx (B, T), per layer, in float32:
@@ -794,9 +792,10 @@ def probe(model: GPT, idx) -> dict:
     channels) and the fractions under 0.1 and over 0.9; sinks: the mean share of attention a query puts on the
     sequence's first token, and on the first token it sees (the oldest key of its window; the same token under
     full attention).
-    Each layer's Attention hands its gates and attention weights over from the forward pass itself (its
-    observer), with dense masks: under --mix-full the weights are the mixture a head's output is made of; a
-    --gate head gate scales the output, not the weights, so there they are the softmax's."""
+    Each layer's Attention hands its queries, keys, gates and masks over from the forward pass itself (its
+    observer), run with dense masks, and the weights are computed from them here: under --mix-full they are the
+    mixture a head's output is made of (averaged over a channel gate's channels); a --gate head gate scales the
+    output, not the weights, so there they are the softmax's."""
     was_training = model.training
     model.eval()
     T, device, n_layer = idx.size(1), idx.device, len(model.blocks)
@@ -806,7 +805,11 @@ def probe(model: GPT, idx) -> dict:
     gates, first_share, start_share = [[] for _ in range(n_layer)], [0.0] * n_layer, [0.0] * n_layer
 
     def observer(layer):
-        def observe(g, weights):  # g (B, T, H, 1 or D) or None; weights (B, H, T, T)
+        def observe(q, k, g, masks):  # q (B, H, T, D), k (B, H_kv, T, D), g (B, T, H, 1 or D) or None
+            weights = attention_weights(q, k, masks.local)  # B, H, T, T
+            if masks.full is not None:  # each channel's mixture, averaged over the head's channels
+                g_head = g.mean(-1, keepdim=True).transpose(1, 2)  # B, H, T, 1
+                weights = gate_mix(g_head, weights, attention_weights(q, k, masks.full))
             if g is not None:  # per head: its gates over tokens (and channels)
                 gates[layer].append(g.transpose(2, 3).reshape(-1, g.size(2)))
             first_share[layer] += weights[..., 0].sum().item()
