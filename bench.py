@@ -150,10 +150,10 @@ def loss_variants():
         return F.cross_entropy(F.linear(x, weight).float(), targets)
 
     variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain)}
-    if tg.fused_cross_entropy() is None:
+    if tg.liger_loss_module() is None:
         print("liger-kernel: not installed")
     else:
-        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.fused_cross_entropy()(
+        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.liger_loss_module()(
             weight, x, targets)
     return variants
 
@@ -198,8 +198,7 @@ STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=W
 
 def build_step(args: tg.Hyperparameters, backend: str, device):
     """One training step as train_gpt.py's loop runs it (with --loss, default auto), with one micro-step."""
-    raw_model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
-    raw_model.loss = tg.choose_loss(args.loss, device)[0]
+    raw_model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss(args.loss, device)[0]).to(device)
     model = torch.compile(raw_model, dynamic=False)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     masks = raw_model.masks(args.seq_len, device, backend)

@@ -485,7 +485,7 @@ def test_gpu_fa4_forward_backward_match_reference(T, window):
             assert (a - b).norm() / b.norm() < BF16, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or tg.fused_cross_entropy() is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.liger_loss_module() is None,
                     reason="needs CUDA and liger-kernel")
 def test_gpu_fused_loss_equals_the_plain_loss():
     """The fused loss GPT.forward takes on CUDA against the plain loss on the same bf16 logits."""
@@ -494,7 +494,7 @@ def test_gpu_fused_loss_equals_the_plain_loss():
     weight = (0.05 * torch.randn(50304, 768, device=device)).requires_grad_()
     targets = torch.randint(0, 50257, (10000,), device=device)
     results = []
-    for loss_fn in (lambda x, w, t: tg.fused_cross_entropy()(w.bfloat16(), x.bfloat16(), t),
+    for loss_fn in (lambda x, w, t: tg.liger_loss_module()(w.bfloat16(), x.bfloat16(), t),
                     lambda x, w, t: F.cross_entropy((x.bfloat16() @ w.bfloat16().T).float(), t)):
         loss = loss_fn(x, weight, targets)
         (2.5 * loss).backward()
@@ -512,8 +512,7 @@ def test_gpu_compiled_default_model_fa4_equals_flex():
     device = torch.device("cuda")
     args = tg.Hyperparameters(window=256, gate="head")
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
-    model.loss = tg.choose_loss("auto", device)[0]
+    model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss("auto", device)[0]).to(device)
     with torch.no_grad():  # trained-like gates
         for block in model.blocks:
             block.attn.gate.weight.normal_(std=0.05)

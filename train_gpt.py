@@ -492,13 +492,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, loss_kernel: str = "plain"):
         super().__init__()
         # init_weights draws from the random state as it is now, not as building the modules left it, so one seed
         # gives models with and without a gate the same values of every other weight
         rng_state = torch.get_rng_state()
         self.cfg = cfg
-        self.loss = "plain"  # or "fused": which loss forward computes (choose_loss); the value is the same
+        self.loss_kernel = loss_kernel  # "plain" or "fused" (choose_loss): how forward computes the same loss
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
@@ -554,12 +554,12 @@ class GPT(nn.Module):
         return F.linear(self.hidden(idx, masks), self.embed.weight)  # tied output layer
 
     def forward(self, idx, targets, masks: AttentionMasks):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With self.loss "fused"
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With loss_kernel "fused"
         (choose_loss) it is liger-kernel's fused linear cross-entropy, which computes the logits a chunk of tokens at
         a time, so the (B * T, vocab) float32 logits never exist at once: the same value, gradients within bf16
         rounding, in a quarter of the memory (bench.py's loss table)."""
         x = self.hidden(idx, masks)
-        if self.loss == "fused":
+        if self.loss_kernel == "fused":
             return fused_linear_cross_entropy(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
                                               targets.flatten())
         logits = F.linear(x, self.embed.weight)
@@ -567,9 +567,9 @@ class GPT(nn.Module):
 
 
 @functools.cache
-def fused_cross_entropy():
-    """liger-kernel's fused linear cross-entropy (optional, CUDA), called as f(weight, x, targets); or None where it
-    does not import. Imported on first use, not with this file."""
+def liger_loss_module():
+    """liger-kernel's fused linear cross-entropy module (optional, CUDA), called as f(weight, x, targets); or None
+    where it does not import. Imported on first use, not with this file, and built once."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -579,7 +579,8 @@ def fused_cross_entropy():
 
 @torch.compiler.disable  # run as it is, between compiled graphs: its host-side .item() and Triton launches do not trace
 def fused_linear_cross_entropy(weight, x, targets):
-    return fused_cross_entropy()(weight, x, targets)
+    """The mean cross-entropy of the logits x @ weight^T against targets, a chunk of tokens at a time (liger-kernel)."""
+    return liger_loss_module()(weight, x, targets)
 
 
 def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
@@ -588,7 +589,7 @@ def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
     if requested == "plain":
         return "plain", ""
     reason = ("the device is the CPU" if device.type != "cuda"
-              else "liger-kernel does not import" if fused_cross_entropy() is None else "")
+              else "liger-kernel does not import" if liger_loss_module() is None else "")
     if requested == "fused" and reason:
         raise ValueError(f"--loss fused cannot run here: {reason}; install liger-kernel with the README's optional pip "
                          f"line on a CUDA GPU, or use --loss plain")
@@ -908,8 +909,7 @@ def main(argv=None):
     print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
 
     torch.manual_seed(args.seed)
-    raw_model = GPT(cfg).to(device)
-    raw_model.loss = loss_kernel
+    raw_model = GPT(cfg, loss_kernel).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = training_flops_per_token(cfg, n_params)
     print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
