@@ -423,7 +423,7 @@ def test_a_parameter_without_an_init_rule_is_an_error():
 # --- GPU ---------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-fa4 = pytest.mark.skipif(not torch.cuda.is_available() or bool(tg.flash_attention_4()[1]),
+fa4 = pytest.mark.skipif(not torch.cuda.is_available() or bool(tg.fa4_ops.flash_attention_4()[1]),
                          reason="needs CUDA and flash-attn-4")
 BF16 = 2e-2  # relative error ||out - ref|| / ||ref|| of bf16 kernels against float64
 

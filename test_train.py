@@ -52,8 +52,9 @@ def test_tiny_gated_model_learns_and_logs(tmp_path):
     for key in ("val_loss", "train_time_s", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "params", "window", "gate"):
         assert key in summary
     assert summary["tokens"] == 40 * 2048 and summary["window"] == 32 and summary["gate"] == "head"
-    with open(os.path.join(run_dir, "train_gpt.py")) as f, open(tg.__file__) as g:
-        assert f.read() == g.read()
+    for name in ("train_gpt.py", "fa4_ops.py"):  # the code that ran, the file train_gpt.py imports included
+        with open(os.path.join(run_dir, name)) as f, open(os.path.join(HERE, name)) as g:
+            assert f.read() == g.read()
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["window"] == 32
     with open(os.path.join(run_dir, "env.json")) as f:

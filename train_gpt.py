@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fa4_ops
+
 # -----------------------------------------------------------------------------
 # Hyperparameters
 
@@ -279,65 +281,7 @@ class AttentionMasks(NamedTuple):
 
 
 # -----------------------------------------------------------------------------
-# Attention kernels: FlashAttention-4 (optional), FlexAttention, SDPA
-
-
-def flash_attention_4():
-    """flash_attn.cute's interface module, or the reason it cannot run here."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA GPU"
-    if torch.cuda.get_device_capability() < (9, 0):
-        return None, f"{torch.cuda.get_device_name()} is older than Hopper (SM90)"
-    try:
-        from flash_attn.cute import interface
-    except ImportError as error:
-        return None, f"flash-attn-4 does not import ({error})"
-    return interface, ""
-
-
-# FlashAttention-4's public flash_attn_func is an autograd.Function, which a custom op cannot hold, so these two ops call
-# its forward and backward functions, _flash_attn_fwd and _flash_attn_bwd, of the pinned version (README's set-up)
-@torch.library.custom_op("gated_swa::fa4_forward", mutates_args=())
-def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention-4 on (B, T, H, D) tensors, causal, window (left, 0) (left < 0: none). An opaque op to
-    torch.compile, so the compiled graph runs it as it is instead of breaking around its Python."""
-    interface, _ = flash_attention_4()
-    out, lse, *_ = interface._flash_attn_fwd(q, k, v, causal=True, window_size_left=None if left < 0 else left,
-                                             window_size_right=0, return_lse=True)
-    return out, lse
-
-
-@fa4_forward.register_fake
-def _(q, k, v, left):
-    B, T, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("gated_swa::fa4_backward", mutates_args=())
-def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-                 lse: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    interface, _ = flash_attention_4()
-    dq, dk, dv = interface._flash_attn_bwd(q, k, v, out, grad_out, lse, causal=True,
-                                           window_size_left=None if left < 0 else left, window_size_right=0)
-    return dq, dk, dv
-
-
-@fa4_backward.register_fake
-def _(q, k, v, out, grad_out, lse, left):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, ctx.left = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _fa4_grads(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return *fa4_backward(q, k, v, out, grad_out.contiguous(), lse, ctx.left), None
-
-
-fa4_forward.register_autograd(_fa4_grads, setup_context=_fa4_setup_context)
+# Attention kernels: FlashAttention-4 (optional; its custom ops are in fa4_ops.py), FlexAttention, SDPA
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
 
@@ -350,7 +294,7 @@ def attention(q, k, v, mask):
     backward). The tests check that they agree. FlashAttention-4 takes (B, T, H, D): q, k, v come from
     Attention.qkv as transposed views of that layout, so the transposes here copy nothing."""
     if isinstance(mask, FlashWindow):
-        out, _ = fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out, _ = fa4_ops.fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                              -1 if mask.left is None else mask.left)
         return out.transpose(1, 2)
     if isinstance(mask, torch.Tensor):
@@ -363,7 +307,7 @@ def choose_attention_backend(requested: str, cfg: ModelConfig, device: torch.dev
     and a note on why when auto falls back to flex. A fa4 that cannot run is an error naming the flag."""
     if device.type == "cuda" and requested == "flex":
         return "flex", ""
-    _, reason = flash_attention_4() if device.type == "cuda" else (None, "the device is the CPU")
+    _, reason = fa4_ops.flash_attention_4() if device.type == "cuda" else (None, "the device is the CPU")
     if not reason and flash_window(sliding_window_mask(cfg), cfg.seq_len, device) is None:
         reason = "sliding_window_mask is not a sliding window, and FlashAttention-4 runs only those"
     if not reason and cfg.head_dim not in (64, 96, 128):
@@ -898,6 +842,7 @@ def main(argv=None):
     if master:
         with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
             f.write(code)
+        shutil.copy(fa4_ops.__file__, run_dir)  # the FlashAttention-4 ops this file imports
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "kernels": kernels}, f, indent=2)
         with open(os.path.join(run_dir, "env.json"), "w") as f:
