@@ -115,6 +115,21 @@ def test_missing_data_points_to_the_downloader(tmp_path):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "train-files")
 
 
+def test_weight_decay_reaches_the_matrices_and_the_embedding_only():
+    model = tg.GPT(tg.ModelConfig(n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16, mlp_hidden=64,
+                                  seq_len=32, gate="head"))
+    args = tg.Hyperparameters(lr=2e-3, weight_decay=0.3, beta1=0.8, beta2=0.9)
+    decay, no_decay = tg.make_optimizer(model, args).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "blocks.0.attn.gate.bias", "blocks.0.attn.k_norm.weight", "blocks.0.attn.q_norm.weight",
+        "blocks.0.input_norm.weight", "blocks.0.mlp_norm.weight", "final_norm.weight"]
+    assert "embed.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    assert decay["lr"] == 2e-3 and decay["betas"] == (0.8, 0.9)
+
+
 def test_lr_schedule_warmup_constant_cooldown():
     args = tg.Hyperparameters(lr=1.0, steps=10, warmup_steps=2, cooldown_steps=4)
     assert [tg.get_lr(s, args) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]

@@ -691,7 +691,17 @@ class DataLoader:
 
 
 # -----------------------------------------------------------------------------
-# Schedule, evaluation and probes
+# Optimizer, schedule, evaluation and probes
+
+
+def make_optimizer(model: nn.Module, args: Hyperparameters) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices and the embedding only, not on the norms' weights or the gate's bias;
+    fused on CUDA. get_lr sets the learning rate every step."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.beta1, args.beta2), fused=next(model.parameters()).is_cuda)
 
 
 def get_lr(step: int, args: Hyperparameters) -> float:
@@ -863,11 +873,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     masks = raw_model.masks(T, device, backend)
 
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    optimizer = make_optimizer(raw_model, args)
     start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
     if checkpoint is not None:
         restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
