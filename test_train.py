@@ -210,6 +210,27 @@ def run_sh(tmp_path, *args, ngpu="1"):
                           timeout=600)
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_run_sh_help_prints_its_presets(tmp_path, flag):
+    done = run_sh(tmp_path, flag)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("Presets for train_gpt.py:  ./run.sh [PRESET] [ARGS...]")
+    for preset in ("demo", "baseline", "gated", "window", "gate", "compare", "ablate"):
+        assert f"\n  {preset} " in done.stdout
+    assert "#" not in done.stdout and "set -euo" not in done.stdout
+
+
+def test_run_sh_train_files_with_an_equals_sign_fetches_no_fineweb(tmp_path):
+    """--train-files=X, like --train-files X, is the user's data: no download (offline here, so one would fail at
+    once), and train_gpt.py gets the pattern."""
+    env = {**os.environ, "NGPU": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gated", f"--train-files={tmp_path}/mine_*.bin",
+                           "--log-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"--train-files '{tmp_path}/mine_*.bin' matches no files" in done.stdout + done.stderr
+    assert "shards of" not in done.stdout and not os.path.exists(os.path.join(HERE, "data", "fineweb10B", ".download"))
+
+
 def study_flags(tmp_path, *extra):
     """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory;
     sequences of 512, longer than the arms' 256-token window."""
