@@ -123,6 +123,52 @@ def test_export_names_every_weight_and_the_window(tmp_path):
     assert {name.split(".")[0] for name in modules} == {"torch", "transformers"}
 
 
+def folder(path):
+    """The files of a folder and their bytes."""
+    return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
+
+
+def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_only_an_export(tmp_path):
+    """A baseline exported over a gated export is refused with the folder untouched (it would leave the gated
+    model's code beside the baseline's weights); --force replaces the export; --force never removes anything but an
+    export's files, and a file or an unusable path for the folder is one clear error."""
+    make_checkpoint(str(tmp_path / "gated.pt"), window=WINDOW, gate="head")
+    make_checkpoint(str(tmp_path / "baseline.pt"))
+    hf = tmp_path / "hf"
+    export_hf.export(str(tmp_path / "gated.pt"), str(hf))
+    gated = folder(hf)
+    with pytest.raises(ValueError, match=rf"^{hf}: the folder is not empty \(it holds config.json, merges.txt, "
+                                         r"model.safetensors, modeling_gated_qwen3.py, tokenizer_config.json, "
+                                         r"vocab.json\); pass a new or empty folder, or --force to replace the export"):
+        export_hf.export(str(tmp_path / "baseline.pt"), str(hf))
+    assert folder(hf) == gated
+    config = export_hf.export(str(tmp_path / "baseline.pt"), str(hf), force=True)
+    assert config["model_type"] == "qwen3" and "modeling_gated_qwen3.py" not in os.listdir(hf)
+    assert json.loads((hf / "config.json").read_text()) == config
+
+    (hf / "README.md").write_text("the user's model card")
+    (hf / "extra").mkdir()
+    baseline = folder(hf)
+    with pytest.raises(ValueError, match=rf"^{hf}: --force replaces an earlier export only, and the folder also holds "
+                                         r"README.md, extra; move those out or pass another folder$"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(hf), force=True)
+    assert folder(hf) == baseline and (hf / "extra").is_dir()
+    with pytest.raises(ValueError, match="--force replaces an earlier export only"):
+        export_hf.export(str(tmp_path / "gated.pt"), "/", force=True)
+
+    (tmp_path / "a_file").write_text("the user's")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a_file'}: a file, not a folder; pass a folder for the export$"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(tmp_path / "a_file"), force=True)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a_file' / 'hf'}: cannot write the export there \(.*\); pass "
+                                         r"a folder you can write to"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(tmp_path / "a_file" / "hf"))
+    assert (tmp_path / "a_file").read_text() == "the user's"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "export_hf.py"), str(tmp_path / "gated.pt"),
+                           str(tmp_path / "a_file")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == f"error: {tmp_path / 'a_file'}: a file, not a folder; pass a folder " \
+                                                   f"for the export\n"
+
+
 def test_ungated_export_is_plain_qwen3(tmp_path):
     """A window-only model needs no code of ours: model type qwen3, no auto_map, no modeling file."""
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
