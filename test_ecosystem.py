@@ -308,6 +308,15 @@ def test_a_checkpoint_of_gate_mix_loads_as_mix_full(tmp_path):
     torch.testing.assert_close(*logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("flag, value, shown", [("--temperature", "nan", "nan"), ("--temperature", "-1", "-1.0"),
+                                                ("--temperature", "inf", "inf"), ("--top-k", "-1", "-1"),
+                                                ("--max-new-tokens", "-5", "-5")])
+def test_sampling_refuses_a_bad_number_naming_its_flag(tmp_path, flag, value, shown):
+    """Refused before any checkpoint is read (this one does not exist)."""
+    with pytest.raises(ValueError, match=rf"^{flag} {shown}: must be a finite number, 0 or more$"):
+        sample.main([str(tmp_path / "none"), flag, value])
+
+
 def test_sampling_repeats_for_a_seed(tmp_path):
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
     runs = [sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "20", "--temperature",

@@ -458,3 +458,25 @@ def test_input_errors_stop_the_run_before_it_makes_a_directory(tmp_path, bad, me
     with pytest.raises(ValueError, match=message):
         tg.main(flags(tmp_path / "logs", *bad(tmp_path)))
     assert not [path for path in tmp_path.iterdir() if path.is_dir()]
+
+
+# -----------------------------------------------------------------------------
+# The other scripts' bad input (export_hf.py and sample.py: test_ecosystem.py; data/fineweb.py: test_data.py)
+
+
+def test_plot_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
+    import plot
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"run_name": "run", "seed": 0, "lr": 1e-3, "window": 0,
+                                                     "gate": "none", "batch_tokens": 512}))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 1, "val_loss": 4.0}\n')
+    (tmp_path / "a_file").write_text("the user's")
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'a_file'} is a file, not a folder; pass a folder "
+                                         r"for the figures$"):
+        plot.main([str(run_dir), "--out", str(tmp_path / "a_file")])
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'a_file' / 'figures'}: cannot write the figures "
+                                         r"there \(.*\); pass a folder you can write to$"):
+        plot.main([str(run_dir), "--out", str(tmp_path / "a_file" / "figures")])
+    assert (tmp_path / "a_file").read_text() == "the user's"
