@@ -295,7 +295,7 @@ def attention(q, k, v, mask):
     Attention.qkv as transposed views of that layout, so the transposes here copy nothing."""
     if isinstance(mask, FlashWindow):
         out, _ = fa4_ops.fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                             -1 if mask.left is None else mask.left)
+                                     -1 if mask.left is None else mask.left)
         return out.transpose(1, 2)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
