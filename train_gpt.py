@@ -1118,9 +1118,6 @@ def load_checkpoint(path: str, argument: str = "--resume") -> dict:
 def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, world_size: int) -> list:
     """Refuses to resume into a different model, batch or data, listing every difference; returns the
     deliberate changes, for the log."""
-    if args.steps == checkpoint["step"]:  # resumed as it is, it would train no step and report a run of none
-        raise ValueError(f"--resume {args.resume}: the run is finished, at step {checkpoint['step']} of --steps "
-                         f"{args.steps}; to train it further, pass --steps M with M > {checkpoint['step']}")
     saved, refused, changed = checkpoint["config"], [], []
     for name, value in dataclasses.asdict(args).items():
         if name == "resume" or saved.get(name) == value:  # --resume names the checkpoint, so it always differs
@@ -1141,6 +1138,9 @@ def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, wo
         raise ValueError(f"--resume {args.resume}: this run differs from the checkpoint (its value -> this run's) "
                          "where it must not:\n  " + "\n  ".join(refused) + "\nuse the checkpoint's values (its run's "
                          "config.json) or start a new run without --resume")
+    if args.steps == checkpoint["step"]:  # resumed as it is, it would train no step and report a run of none
+        raise ValueError(f"--resume {args.resume}: the run is finished, at step {checkpoint['step']} of --steps "
+                         f"{args.steps}; to train it further, pass --steps M with M > {checkpoint['step']}")
     if checkpoint["world_size"] != world_size:
         changed.append(f"world size {checkpoint['world_size']} -> {world_size}")
     return changed
