@@ -5,10 +5,10 @@
     python bench.py --tables step --seq-lens 1024 --profile gated    # plus one step's GPU time by kernel kind
 
 Every variant runs in this one process, after a warm-up, and reports the median of many timed runs
-(CUDA events). Attention: forward + backward in bf16 of 12 query heads of 128 and 4 key/value heads, with
-batch x length fixed at --tokens. Loss: forward + backward of the tied output layer and cross-entropy on --tokens
-tokens. Steps: one compiled forward + backward + AdamW step of the default ~134M model on --tokens tokens, as
-train_gpt.py runs it, on each attention backend (--backends; fa4 rows need flash-attn-4).
+(CUDA events). Attention: forward + backward in bf16 of the default model's query and key/value heads (ModelConfig),
+with batch x length fixed at --tokens. Loss: forward + backward of the tied output layer and cross-entropy on
+--tokens tokens. Steps: one compiled forward + backward + AdamW step of the default model on --tokens tokens, as
+train_gpt.py runs it (its make_optimizer), on each attention backend (--backends; fa4 rows need flash-attn-4).
 """
 import argparse
 import statistics
@@ -21,7 +21,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import train_gpt as tg
 
-N_HEAD, N_KV_HEAD, HEAD_DIM, D_MODEL, WINDOW = 12, 4, 128, 768, 256
+DEFAULT = tg.ModelConfig()  # the model every table measures
+N_HEAD, N_KV_HEAD, HEAD_DIM, D_MODEL = DEFAULT.n_head, DEFAULT.n_kv_head, DEFAULT.head_dim, DEFAULT.d_model
+WINDOW = 256  # the paper's window (study.py's gated arm)
+GPT2_VOCAB = tg.BOS_ID + 1  # the ids of real text, which the random inputs are drawn from
 
 
 def median_ms(fn, warmup: int, reps: int) -> float:
@@ -150,10 +153,10 @@ def loss_variants():
         return F.cross_entropy(F.linear(x, weight).float(), targets)
 
     variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain)}
-    if tg.fused_cross_entropy() is None:
+    if tg.liger_loss_module() is None:
         print("liger-kernel: not installed")
     else:
-        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.fused_cross_entropy()(
+        variants["liger-kernel fused linear cross-entropy"] = lambda x, weight, targets: tg.liger_loss_module()(
             weight, x, targets)
     return variants
 
@@ -161,8 +164,8 @@ def loss_variants():
 def loss_table(tokens: int, device):
     """The output layer and the loss on the final hidden states, as GPT.forward computes them under autocast."""
     x = torch.randn(tokens, D_MODEL, device=device, requires_grad=True)
-    weight = (0.02 * torch.randn(50304, D_MODEL, device=device)).requires_grad_()
-    targets = torch.randint(0, 50257, (tokens,), device=device)
+    weight = (0.02 * torch.randn(DEFAULT.vocab_size, D_MODEL, device=device)).requires_grad_()
+    targets = torch.randint(0, GPT2_VOCAB, (tokens,), device=device)
     rows, reference = [], None
     for name, fn in loss_variants().items():
         def step():
@@ -186,7 +189,7 @@ def loss_table(tokens: int, device):
         errors = [((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference[1])]
         rows.append(f"| {name} | {ms:.2f} | {memory:.1f} | {loss.item() - reference[0]:+.1e} | "
                     f"{errors[0]:.1e} / {errors[1]:.1e} |")
-    print(f"\nOutput layer + cross-entropy, forward + backward, {tokens:,} tokens x 50,304 classes")
+    print(f"\nOutput layer + cross-entropy, forward + backward, {tokens:,} tokens x {DEFAULT.vocab_size:,} classes")
     print("| variant | ms (median) | peak memory (GB) | loss - plain | gradient error vs plain (x / weight) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
@@ -198,13 +201,12 @@ STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=W
 
 def build_step(args: tg.Hyperparameters, backend: str, device):
     """One training step as train_gpt.py's loop runs it (with --loss, default auto), with one micro-step."""
-    raw_model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
-    raw_model.loss = tg.choose_loss(args.loss, device)[0]
+    raw_model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss(args.loss, device)[0]).to(device)
     model = torch.compile(raw_model, dynamic=False)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    optimizer = tg.make_optimizer(raw_model, args)
     masks = raw_model.masks(args.seq_len, device, backend)
     B = args.micro_batch_tokens // args.seq_len
-    inputs, targets = torch.randint(0, 50257, (2, B, args.seq_len), device=device)
+    inputs, targets = torch.randint(0, GPT2_VOCAB, (2, B, args.seq_len), device=device)
 
     def step():
         with tg.autocast(device):

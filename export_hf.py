@@ -3,6 +3,7 @@ Export a train_gpt.py checkpoint as a Hugging Face transformers Qwen3 model, wit
 
     python export_hf.py logs/run-20261127-120000 hf/run          # a run directory's newest checkpoint
     python export_hf.py logs/run-.../ckpt_step005000.pt hf/run   # or one checkpoint
+    python export_hf.py logs/run-20261127-130000 hf/run --force  # replaces the export already in hf/run
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("hf/run")                            # none: a Qwen3ForCausalLM
@@ -13,7 +14,7 @@ A window-only model (--window W) becomes a Qwen3 model whose every layer is a "s
 sliding_window W: transformers lets key j reach query i iff 0 <= i - j < W, as train_gpt.py's
 sliding_window_mask does. Stock Qwen3 has no head gate, so a gated model (--gate head) gets model type
 "gated_qwen3": its folder also holds modeling_gated_qwen3.py (Qwen3 with the gate), which config.json's
-auto_map names, and its gates are model.layers.{i}.self_attn.gate.weight and .bias. --gate mix is refused.
+auto_map names, and its gates are model.layers.{i}.self_attn.gate.weight and .bias. --mix-full is refused.
 GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) are made from data/gpt2.tiktoken.
 """
 import argparse
@@ -63,6 +64,29 @@ def hf_state_dict(state: dict, n_layer: int) -> dict:
 HEAD_GATES = ("head", "head-open", "head-nobias", "const", "scalar")
 # a gated model's own model class, copied beside its weights; its classes keep their names in auto_map
 GATED_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_gated_qwen3.py")
+
+
+# the files export writes: a folder holding only these is an export, which --force may replace
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                os.path.basename(GATED_MODELING_FILE))
+
+
+def clear_out_dir(out_dir: str, force: bool):
+    """Makes sure out_dir is new or empty, so that an export never mixes with another one's files (a baseline's
+    weights beside a gated model's code would load as the wrong model). A folder that is not empty is refused; with
+    force, an earlier export's files are removed, and nothing else ever is."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: a file, not a folder; pass a folder for the export")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and not force:
+        raise ValueError(f"{out_dir}: the folder is not empty (it holds {', '.join(entries)}); pass a new or empty "
+                         f"folder, or --force to replace the export in it")
+    others = [name for name in entries if name not in EXPORT_FILES or not os.path.isfile(os.path.join(out_dir, name))]
+    if others:
+        raise ValueError(f"{out_dir}: --force replaces an earlier export only, and the folder also holds "
+                         f"{', '.join(others)}; move those out or pass another folder")
+    for name in entries:
+        os.remove(os.path.join(out_dir, name))
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -178,15 +202,16 @@ def write_gpt2_tokenizer(out_dir: str, max_length: int):
         json.dump(config, f, indent=2)
 
 
-def export(checkpoint_path: str, out_dir: str) -> dict:
-    """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir, and for a gated model
-    modeling_gated_qwen3.py; returns the config."""
+def export(checkpoint_path: str, out_dir: str, force: bool = False) -> dict:
+    """Writes config.json, model.safetensors and GPT-2's tokenizer files into out_dir, a new or empty folder (with
+    force, one that holds an earlier export, which is replaced), and for a gated model modeling_gated_qwen3.py;
+    returns the config. A write that fails removes what it wrote."""
     path = find_checkpoint(checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(path, "checkpoint")
     args = Hyperparameters(**checkpoint["config"])
-    if args.gate == "mix":
-        raise ValueError(f"{path}: a --gate mix model runs two attention passes per layer, which Qwen3 has no "
-                         f"place for; export a none or head model")
+    if args.mix_full:
+        raise ValueError(f"{path}: a --mix-full model runs two attention passes per layer, which Qwen3 has no "
+                         f"place for; export a model without --mix-full, or sample it with sample.py")
     if args.gate not in ("none", *HEAD_GATES):
         raise ValueError(f"{path}: a --gate {args.gate} model has a gate per channel, which modeling_gated_qwen3.py "
                          f"does not have; export a none or head model, or sample it with sample.py")
@@ -199,14 +224,22 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
         if cfg.gate in ("const", "scalar"):
             state[f"blocks.{i}.attn.gate.weight"] = torch.zeros(cfg.n_head, cfg.d_model)
     tensors = hf_state_dict(state, cfg.n_layer)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
-                      {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
-    write_gpt2_tokenizer(out_dir, cfg.seq_len)
-    if cfg.gate in HEAD_GATES:
-        shutil.copyfile(GATED_MODELING_FILE, os.path.join(out_dir, os.path.basename(GATED_MODELING_FILE)))
+    clear_out_dir(out_dir, force)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
+                          {"format": "pt", "source": os.path.basename(path), "step": str(checkpoint["step"])})
+        write_gpt2_tokenizer(out_dir, cfg.seq_len)
+        if cfg.gate in HEAD_GATES:
+            shutil.copyfile(GATED_MODELING_FILE, os.path.join(out_dir, os.path.basename(GATED_MODELING_FILE)))
+    except OSError as error:  # the folder held no files before (clear_out_dir), so every export file in it is ours
+        for name in EXPORT_FILES:
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        raise ValueError(f"{out_dir}: cannot write the export there ({error}); pass a folder you can write to, with "
+                         f"room for it") from error
     attention = f"sliding window {args.window}" if args.window > 0 else "full causal"
     print(f"exported {path} (step {checkpoint['step']}, {attention}, gate {args.gate}) to {out_dir}")
     return config
@@ -215,9 +248,11 @@ def export(checkpoint_path: str, out_dir: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a ckpt_step*.pt file, or a run directory (its newest checkpoint)")
-    parser.add_argument("out_dir", help="the folder to write the model and tokenizer files into")
+    parser.add_argument("out_dir", help="the folder to write the model and tokenizer files into: new or empty")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the export already in out_dir (only a folder of an export's files)")
     args = parser.parse_args(argv)
-    export(args.checkpoint, args.out_dir)
+    export(args.checkpoint, args.out_dir, args.force)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ def main(argv=None):
             print(f"{run['dir']}: no attention sinks in its evaluations, so it is not in sinks.png", file=sys.stderr)
     if sink_runs:
         figures["sinks.png"] = lambda plt, file: plot_sinks(plt, sink_runs, file)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"error: --out {args.out} is a file, not a folder; pass a folder for the figures")
     existing = [name for name in figures if os.path.exists(os.path.join(args.out, name))]
     if existing:
         sys.exit(f"error: --out {args.out} already holds {', '.join(existing)}; delete them or choose another --out")
@@ -187,10 +189,13 @@ def main(argv=None):
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")  # files only: no display needed, and none opened
     import matplotlib.pyplot as plt
-    os.makedirs(args.out, exist_ok=True)
-    for name, draw in figures.items():
-        draw(plt, os.path.join(args.out, name))
-        print(f"wrote {os.path.join(args.out, name)}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        for name, draw in figures.items():
+            draw(plt, os.path.join(args.out, name))
+            print(f"wrote {os.path.join(args.out, name)}")
+    except OSError as error:
+        sys.exit(f"error: --out {args.out}: cannot write the figures there ({error}); pass a folder you can write to")
     for run in filter(gated, runs):
         print("\n" + gate_table(run))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Presets for train_gpt.py:  ./run.sh [PRESET] [ARGS...]
+# Presets for train_gpt.py:  ./run.sh [PRESET] [ARGS...]   (./run.sh --help prints this text)
 # Any ARGS go on to train_gpt.py after the preset's own flags, so they override them (e.g. --steps 100).
 #   demo      (the default) a tiny baseline and a tiny gated model on the shipped Jane Austen sample, then a table
 #   baseline  full causal attention, no gate: the paper's baseline
@@ -8,18 +8,26 @@
 #   gate      full causal attention + head gate (ablation)
 #   compare   baseline and gated over several seeds (--seeds 0,1,2) and learning rates (--lrs 1e-3,2e-3), then
 #             a table beside the paper's Table 1 (logs/compare-<time>/table.md)
-#   ablate    window only, gate only, windows 64/128/256/512 with the gate, full attention, and the --gate mix
+#   ablate    window only, gate only, windows 64/128/256/512 with the gate, full attention, and the --mix-full
 #             reading (--seeds 0 by default), then the same table (logs/ablate-<time>/table.md)
 #   compare and ablate run in study.py (its docstring has the details): --arms a,b for some arms only, --log-dir DIR
 #             for the study's directory; each run trains on one GPU, NGPU at once, the next one starting on the
 #             first GPU to free; a failed run is reported and the others go on.
 # The other presets train on all visible GPUs through torchrun (set NGPU to use fewer), or on the CPU without one.
+
 # Written for bash 3.2 (macOS's): no associative arrays, mapfile or other bash 4 features (test_study.py checks).
 set -euo pipefail
 cd "$(dirname "$0")"
 
+usage() {  # the comment block at the top of this file, without its '#'
+    awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "$0"
+}
+
 preset="${1:-demo}"
 [ "$#" -gt 0 ] && shift
+case "$preset" in
+    -h|--help) usage; exit 0 ;;
+esac
 if [ -z "${NGPU:-}" ]; then
     NGPU=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
@@ -28,11 +36,14 @@ train() {
     torchrun --standalone --nproc_per_node="$NGPU" train_gpt.py "$@"
 }
 
-# FineWeb presets fetch their shards first, unless the user points --train-files elsewhere.
+# FineWeb presets fetch their shards first, unless the user points --train-files elsewhere (--train-files X or
+# --train-files=X).
 fetch_fineweb() {
     local arg
     for arg in "$@"; do
-        [ "$arg" = "--train-files" ] && return 0
+        case "$arg" in
+            --train-files|--train-files=*) return 0 ;;
+        esac
     done
     python3 data/fineweb.py
 }
@@ -59,7 +70,7 @@ case "$preset" in
         ;;
     compare|ablate) NGPU="$NGPU" exec python3 study.py "$preset" "$@" ;;  # exec: signals reach study.py itself
     *)
-        echo "unknown preset '$preset': use demo, baseline, gated, window, gate, compare or ablate" >&2
+        echo "unknown preset '$preset': use demo, baseline, gated, window, gate, compare or ablate (./run.sh --help)" >&2
         exit 2
         ;;
 esac

@@ -11,6 +11,7 @@ which works alike on the CPU and the GPU and never recompiles.
 """
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -76,9 +77,9 @@ def main(argv=None) -> list:
     parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}, --temperature {args.temperature} and --top-k "
-                         f"{args.top_k} must be 0 or more")
+    for name in ("max_new_tokens", "temperature", "top_k"):
+        if not 0 <= getattr(args, name) < math.inf:  # a NaN fails the comparison too
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number, 0 or more")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
     device = torch.device(args.device)

@@ -51,7 +51,7 @@ ARMS = {
     "gated-64": "--window 64 --gate head",
     "gated-128": "--window 128 --gate head",
     "gated-512": "--window 512 --gate head",
-    "mix": "--window 256 --gate mix",
+    "mix": "--window 256 --gate head --mix-full true",
     # the gated arm's controls: is it the gate's dependence on the token, or only a scale per head, that helps?
     "const": "--window 256 --gate const",
     "scalar": "--window 256 --gate scalar",

@@ -129,7 +129,7 @@ def test_fa4_refuses_a_rule_that_is_not_a_window():
 
 
 def test_attention_backend_flag_checks():
-    with pytest.raises(ValueError, match="--attention-backend 'flash': use auto, flex or fa4"):
+    with pytest.raises(ValueError, match="--attention-backend 'flash': use one of auto, flex, fa4"):
         tg.check_config(tg.parse_args(["--attention-backend", "flash"]), world_size=1)
     with pytest.raises(ValueError, match="--attention-backend fa4 cannot run here: the device is the CPU"):
         tg.choose_attention_backend("fa4", tg.ModelConfig(), CPU)
@@ -138,7 +138,7 @@ def test_attention_backend_flag_checks():
 
 
 def test_loss_flag_checks():
-    with pytest.raises(ValueError, match="--loss 'liger': use auto, plain or fused"):
+    with pytest.raises(ValueError, match="--loss 'liger': use one of auto, plain, fused"):
         tg.check_config(tg.parse_args(["--loss", "liger"]), world_size=1)
     with pytest.raises(ValueError, match="--loss fused cannot run here: the device is the CPU"):
         tg.choose_loss("fused", CPU)
@@ -307,10 +307,10 @@ def test_attention_module_matches_reference():
     torch.testing.assert_close(out.double(), ref, **FP32)
 
 
-def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
-    """--gate mix against the float64 reference: per head, g * window attention + (1 - g) * full attention."""
+def test_mix_full_is_g_times_window_plus_one_minus_g_times_full():
+    """--mix-full against the float64 reference: per head, g * window attention + (1 - g) * full attention."""
     torch.manual_seed(5)
-    cfg = tg.ModelConfig.from_args(tiny_args(gate="mix"))
+    cfg = tg.ModelConfig.from_args(tiny_args(gate="head", mix_full=True))
     module = tg.Attention(cfg)
     torch.nn.init.normal_(module.gate.weight, std=0.5)
     torch.nn.init.normal_(module.gate.bias)
@@ -337,11 +337,11 @@ def test_mix_gate_is_g_times_window_plus_one_minus_g_times_full():
 # --- probes --------------------------------------------------------------------------------------
 
 
-def uniform_attention_model(gate, window, T=40):
+def uniform_attention_model(gate, window, T=40, mix_full=False):
     """A tiny model whose queries are 0, so every query spreads its attention evenly over the keys it sees;
     its gates are the constants sigmoid(bias[h]) (each of head h's channels, for --gate channel)."""
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=window, seq_len=T)))
+    model = tg.GPT(tg.ModelConfig.from_args(tiny_args(gate=gate, window=window, seq_len=T, mix_full=mix_full)))
     biases = torch.tensor([-3.0, -1.0, 1.0, 3.0])
     with torch.no_grad():
         for block in model.blocks:
@@ -352,10 +352,11 @@ def uniform_attention_model(gate, window, T=40):
     return model, torch.sigmoid(biases)
 
 
-@pytest.mark.parametrize("gate, window", [("none", 0), ("none", 8), ("head", 8), ("mix", 8), ("channel", 8)])
-def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(gate, window):
+@pytest.mark.parametrize("gate, window, mix_full", [("none", 0, False), ("none", 8, False), ("head", 8, False),
+                                                   ("head", 8, True), ("channel", 8, False), ("channel", 8, True)])
+def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(gate, window, mix_full):
     T = 40
-    model, g = uniform_attention_model(gate, window, T)
+    model, g = uniform_attention_model(gate, window, T, mix_full)
     idx = torch.randint(0, 50257, (6, T))
     result = tg.probe(model, idx)
     i = torch.arange(T, dtype=torch.float64)
@@ -363,7 +364,7 @@ def test_probe_sink_shares_and_gate_statistics_are_exact_on_uniform_attention(ga
     local = 1 / (i + 1).clamp(max=window) if window else full  # the window: 1/(keys it holds) on each
     sees_first = i < window if window else torch.ones(T, dtype=torch.bool)
     first, start = local * sees_first, local  # the window's oldest key is always visible
-    if gate == "mix":  # head h: g_h of the window's weights and 1 - g_h of full attention's
+    if mix_full:  # head h: g_h of the window's weights and 1 - g_h of full attention's
         w = g.double()[:, None]
         first, start = w * first + (1 - w) * full, w * start + (1 - w) * full
     first_share, window_share = first.mean().item(), start.mean().item()
@@ -389,12 +390,13 @@ def test_one_seed_gives_every_arm_the_same_weights_but_the_gate():
         torch.manual_seed(seed)
         return tg.GPT(tg.ModelConfig.from_args(tiny_args(**overrides))).state_dict()
 
-    models = {gate: model(3, gate=gate, window=8) for gate in ("none", "head", "mix")}
-    for gate in ("head", "mix"):
-        assert {k for k in models[gate] if k not in models["none"]} == {f"blocks.{i}.attn.gate.{p}" for i in range(2)
-                                                                       for p in ("weight", "bias")}
+    models = {arm: model(3, window=8, gate=gate, mix_full=mix_full)
+              for arm, gate, mix_full in (("none", "none", False), ("head", "head", False), ("mix", "head", True))}
+    for arm in ("head", "mix"):
+        assert {k for k in models[arm] if k not in models["none"]} == {f"blocks.{i}.attn.gate.{p}" for i in range(2)
+                                                                      for p in ("weight", "bias")}
         for name, value in models["none"].items():
-            assert torch.equal(models[gate][name], value), (gate, name)
+            assert torch.equal(models[arm][name], value), (arm, name)
     other_seed = model(4)
     assert not torch.equal(other_seed["embed.weight"], models["none"]["embed.weight"])
 
@@ -418,24 +420,24 @@ def test_first_loss_is_uniform_guess(gate, window):
 
 
 def test_attention_flops_count_visible_pairs():
-    def flops(window, gate="none"):
+    def flops(window, mix_full=False):
         return tg.attention_flops_per_token(tg.ModelConfig(n_layer=1, n_head=1, head_dim=1, seq_len=4, window=window,
-                                                           gate=gate))
+                                                           gate="head", mix_full=mix_full))
 
     full, windowed = flops(0), flops(2)  # keys seen: 1 + 2 + 3 + 4, and 1 + 2 + 2 + 2
     assert full == 12 * 10 / 4 and windowed == 12 * 7 / 4
-    assert flops(2, "mix") == full + windowed  # two passes
+    assert flops(2, mix_full=True) == full + windowed  # two passes
 
 
 @pytest.mark.parametrize("T", [1, 4, 100, 1024])
 @pytest.mark.parametrize("window", [0, 1, 3, 64, 256, 1024, 4000])
-@pytest.mark.parametrize("gate", ["none", "mix"])
-def test_attention_flops_equal_a_brute_force_count_of_visible_pairs(T, window, gate):
-    if gate == "mix" and not 0 < window < T:
+@pytest.mark.parametrize("mix_full", [False, True])
+def test_attention_flops_equal_a_brute_force_count_of_visible_pairs(T, window, mix_full):
+    if mix_full and not 0 < window < T:
         return
-    cfg = tg.ModelConfig(n_layer=3, n_head=5, head_dim=7, seq_len=T, window=window, gate=gate)
+    cfg = tg.ModelConfig(n_layer=3, n_head=5, head_dim=7, seq_len=T, window=window, gate="head", mix_full=mix_full)
     pairs = sum(1 for i in range(T) for j in range(i + 1) if window == 0 or i - j < window)
-    if gate == "mix":
+    if mix_full:
         pairs += T * (T + 1) // 2  # its second, full causal pass
     assert tg.attention_flops_per_token(cfg) == pytest.approx(12 * 3 * 5 * 7 * pairs / T, rel=1e-12)
 
@@ -451,7 +453,7 @@ def test_a_parameter_without_an_init_rule_is_an_error():
 # --- GPU ---------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-fa4 = pytest.mark.skipif(not torch.cuda.is_available() or bool(tg.flash_attention_4()[1]),
+fa4 = pytest.mark.skipif(not torch.cuda.is_available() or bool(tg.fa4_ops.flash_attention_4()[1]),
                          reason="needs CUDA and flash-attn-4")
 BF16 = 2e-2  # relative error ||out - ref|| / ||ref|| of bf16 kernels against float64
 
@@ -513,7 +515,7 @@ def test_gpu_fa4_forward_backward_match_reference(T, window):
             assert (a - b).norm() / b.norm() < BF16, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or tg.fused_cross_entropy() is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.liger_loss_module() is None,
                     reason="needs CUDA and liger-kernel")
 def test_gpu_fused_loss_equals_the_plain_loss():
     """The fused loss GPT.forward takes on CUDA against the plain loss on the same bf16 logits."""
@@ -522,7 +524,7 @@ def test_gpu_fused_loss_equals_the_plain_loss():
     weight = (0.05 * torch.randn(50304, 768, device=device)).requires_grad_()
     targets = torch.randint(0, 50257, (10000,), device=device)
     results = []
-    for loss_fn in (lambda x, w, t: tg.fused_cross_entropy()(w.bfloat16(), x.bfloat16(), t),
+    for loss_fn in (lambda x, w, t: tg.liger_loss_module()(w.bfloat16(), x.bfloat16(), t),
                     lambda x, w, t: F.cross_entropy((x.bfloat16() @ w.bfloat16().T).float(), t)):
         loss = loss_fn(x, weight, targets)
         (2.5 * loss).backward()
@@ -540,8 +542,7 @@ def test_gpu_compiled_default_model_fa4_equals_flex():
     device = torch.device("cuda")
     args = tg.Hyperparameters(window=256, gate="head")
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
-    model.loss = tg.choose_loss("auto", device)[0]
+    model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss("auto", device)[0]).to(device)
     with torch.no_grad():  # trained-like gates
         for block in model.blocks:
             block.attn.gate.weight.normal_(std=0.05)

@@ -1,7 +1,13 @@
-"""bench.py's CPU-testable part: which kind of work a profiled CUDA kernel is (its timings need a GPU)."""
+"""bench.py's CPU-testable parts: which kind of work a profiled CUDA kernel is, and that its training step is
+train_gpt.py's (its timings need a GPU).
+
+    python -m pytest -q test_bench.py
+"""
 import pytest
+import torch
 
 import bench
+import train_gpt as tg
 
 
 @pytest.mark.parametrize("name, kind", [  # kernel names from profiled gated steps (H200, torch 2.11)
@@ -24,3 +30,23 @@ import bench
 ])
 def test_kernel_kind(name, kind):
     assert bench.kernel_kind(name) == kind
+
+
+def test_the_step_table_trains_with_train_gpts_optimizer(monkeypatch):
+    """bench.py's step runs train_gpt.py's make_optimizer (its weight-decay groups) on the model the flags describe;
+    here on the CPU, uncompiled, with a tiny gated model."""
+    made, make_optimizer = [], tg.make_optimizer
+
+    def record(model, args):
+        made.append(make_optimizer(model, args))
+        return made[-1]
+
+    monkeypatch.setattr(bench.torch, "compile", lambda model, **options: model)
+    monkeypatch.setattr(bench.tg, "make_optimizer", record)
+    args = tg.Hyperparameters(n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16, mlp_hidden=64, seq_len=32,
+                              micro_batch_tokens=64, window=8, gate="head", weight_decay=0.2)
+    step, _ = bench.build_step(args, "sdpa", torch.device("cpu"))
+    step()
+    (optimizer,) = made
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0]
+    assert all(optimizer.state[p]["step"] == 1 for group in optimizer.param_groups for p in group["params"])

@@ -163,6 +163,59 @@ def test_input_errors_are_clear(tmp_path):
     assert os.listdir(out) == []
 
 
+def test_inputs_without_text_are_an_error_whatever_the_val_tokens(tmp_path):
+    """An empty file is not a --val-tokens problem, and with --val-tokens 0 it does not end in success with no
+    shards."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    out = tmp_path / "out"
+    for val_tokens in ("100", "0"):
+        with pytest.raises(SystemExit, match=rf"^data/fineweb.py: --tokenize {tmp_path / 'empty.txt'} "
+                                             rf"{tmp_path / 'empty.jsonl'}: no text in them \(empty documents are left "
+                                             r"out\); pass files that hold text$"):
+            fineweb.main(["--tokenize", str(tmp_path / "empty.txt"), str(tmp_path / "empty.jsonl"), "--out", str(out),
+                          "--val-tokens", val_tokens, "--workers", "1"])
+        assert os.listdir(out) == []
+
+
+def test_output_paths_that_cannot_hold_shards_are_one_line(tmp_path):
+    """--prefix is a name (../x would write outside --out), and an --out that is a file or lies under one is refused,
+    for tokenizing and for downloading, before anything is written."""
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "a_file").write_text("the user's")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^data/fineweb.py: --prefix '../x': a name, not a path; pass the folder as "
+                                         r"--out$"):
+        fineweb.main(["--tokenize", str(tmp_path / "a.txt"), "--out", str(out), "--prefix", "../x"])
+    for mode in (["--tokenize", str(tmp_path / "a.txt")], ["--train-shards", "0"]):
+        with pytest.raises(SystemExit, match=rf"^data/fineweb.py: --out {tmp_path / 'a_file'}: a file, not a folder; "
+                                             r"pass a folder for the shards$"):
+            fineweb.main([*mode, "--out", str(tmp_path / "a_file")])
+        with pytest.raises(SystemExit, match=rf"^data/fineweb.py: --out {tmp_path / 'a_file' / 'out'}: cannot make the "
+                                             r"folder \(.*\); pass a folder you can write to$"):
+            fineweb.main([*mode, "--out", str(tmp_path / "a_file" / "out")])
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "a_file"] and (tmp_path / "a_file").read_text() == "the user's"
+
+
+def test_a_shard_that_cannot_be_written_is_one_line_and_removes_the_others(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("some text " * 100)
+    out = tmp_path / "out"
+    writes = []
+
+    def fill_the_disk_on_the_second_shard(path, tokens):
+        if writes:
+            raise OSError(28, "No space left on device")
+        writes.append(path)
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", fill_the_disk_on_the_second_shard)
+    with pytest.raises(SystemExit, match=rf"^data/fineweb.py: {out / 'text_train_000001.bin'}: cannot write the shard "
+                                         r"\(\[Errno 28\] No space left on device\); free space on its disk or pass "
+                                         r"another --out$"):
+        fineweb.main(["--tokenize", str(tmp_path / "a.txt"), "--out", str(out), "--val-tokens", "10", "--workers", "1"])
+    assert os.listdir(out) == []
+
+
 # -----------------------------------------------------------------------------
 # Shard format
 

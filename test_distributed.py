@@ -125,8 +125,8 @@ models = []
 
 
 class RecordedGPT(tg.GPT):
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         models.append(self)
 
 

@@ -123,6 +123,52 @@ def test_export_names_every_weight_and_the_window(tmp_path):
     assert {name.split(".")[0] for name in modules} == {"torch", "transformers"}
 
 
+def folder(path):
+    """The files of a folder and their bytes."""
+    return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
+
+
+def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_only_an_export(tmp_path):
+    """A baseline exported over a gated export is refused with the folder untouched (it would leave the gated
+    model's code beside the baseline's weights); --force replaces the export; --force never removes anything but an
+    export's files, and a file or an unusable path for the folder is one clear error."""
+    make_checkpoint(str(tmp_path / "gated.pt"), window=WINDOW, gate="head")
+    make_checkpoint(str(tmp_path / "baseline.pt"))
+    hf = tmp_path / "hf"
+    export_hf.export(str(tmp_path / "gated.pt"), str(hf))
+    gated = folder(hf)
+    with pytest.raises(ValueError, match=rf"^{hf}: the folder is not empty \(it holds config.json, merges.txt, "
+                                         r"model.safetensors, modeling_gated_qwen3.py, tokenizer_config.json, "
+                                         r"vocab.json\); pass a new or empty folder, or --force to replace the export"):
+        export_hf.export(str(tmp_path / "baseline.pt"), str(hf))
+    assert folder(hf) == gated
+    config = export_hf.export(str(tmp_path / "baseline.pt"), str(hf), force=True)
+    assert config["model_type"] == "qwen3" and "modeling_gated_qwen3.py" not in os.listdir(hf)
+    assert json.loads((hf / "config.json").read_text()) == config
+
+    (hf / "README.md").write_text("the user's model card")
+    (hf / "extra").mkdir()
+    baseline = folder(hf)
+    with pytest.raises(ValueError, match=rf"^{hf}: --force replaces an earlier export only, and the folder also holds "
+                                         r"README.md, extra; move those out or pass another folder$"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(hf), force=True)
+    assert folder(hf) == baseline and (hf / "extra").is_dir()
+    with pytest.raises(ValueError, match="--force replaces an earlier export only"):
+        export_hf.export(str(tmp_path / "gated.pt"), "/", force=True)
+
+    (tmp_path / "a_file").write_text("the user's")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a_file'}: a file, not a folder; pass a folder for the export$"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(tmp_path / "a_file"), force=True)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a_file' / 'hf'}: cannot write the export there \(.*\); pass "
+                                         r"a folder you can write to"):
+        export_hf.export(str(tmp_path / "gated.pt"), str(tmp_path / "a_file" / "hf"))
+    assert (tmp_path / "a_file").read_text() == "the user's"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "export_hf.py"), str(tmp_path / "gated.pt"),
+                           str(tmp_path / "a_file")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == f"error: {tmp_path / 'a_file'}: a file, not a folder; pass a folder " \
+                                                   f"for the export\n"
+
+
 def test_ungated_export_is_plain_qwen3(tmp_path):
     """A window-only model needs no code of ours: model type qwen3, no auto_map, no modeling file."""
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
@@ -229,13 +275,14 @@ def test_transformers_generate_equals_greedy_sampling(tmp_path, trained, gate):
     assert out[0, prompt.size(1):].tolist() == new
 
 
-@pytest.mark.parametrize("gate, refusal", [("mix", "--gate mix"),
-                                           ("channel", "a --gate channel model has a gate per channel")])
-def test_mix_and_channel_gates_sample_but_are_not_exported(tmp_path, gate, refusal):
-    """sample.py runs both passes of --gate mix, and a gate per channel (greedy equals the argmax of the model's own
-    logits); export_hf.py refuses both, naming the gate: Qwen3 has one attention per layer, and
+@pytest.mark.parametrize("flags, refusal", [
+    ({"gate": "head", "mix_full": True}, "a --mix-full model runs two attention passes per layer"),
+    ({"gate": "channel"}, "a --gate channel model has a gate per channel")])
+def test_mix_full_and_channel_gates_sample_but_are_not_exported(tmp_path, flags, refusal):
+    """sample.py runs both passes of --mix-full, and a gate per channel (greedy equals the argmax of the model's own
+    logits); export_hf.py refuses both, naming the flag: Qwen3 has one attention per layer, and
     modeling_gated_qwen3.py one gate per head."""
-    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate=gate)
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, **flags)
     new = sample.main([str(tmp_path / "ckpt.pt"), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0"])
     ids = torch.tensor([[tg.BOS_ID] + sample.gpt2_encoding().encode_ordinary(PROMPT)])
     with torch.no_grad():
@@ -244,6 +291,30 @@ def test_mix_and_channel_gates_sample_but_are_not_exported(tmp_path, gate, refus
     with pytest.raises(ValueError, match=refusal):
         export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_of_gate_mix_loads_as_mix_full(tmp_path):
+    """A checkpoint from before --mix-full, when the same model was --gate mix, loads as --gate head --mix-full true
+    (the same weights and logits), not as a head-gated model without its full attention pass."""
+    model, _ = make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW, gate="head", mix_full=True)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    checkpoint["config"] = {**{k: v for k, v in checkpoint["config"].items() if k != "mix_full"}, "gate": "mix"}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = sample.load_model(str(tmp_path / "old.pt"), CPU)
+    assert (loaded.cfg.gate, loaded.cfg.mix_full) == ("head", True)
+    ids = torch.randint(0, 50257, (1, 40))
+    with torch.no_grad():
+        logits = [m.logits(ids, m.masks(ids.size(1), CPU)) for m in (loaded, model)]
+    torch.testing.assert_close(*logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag, value, shown", [("--temperature", "nan", "nan"), ("--temperature", "-1", "-1.0"),
+                                                ("--temperature", "inf", "inf"), ("--top-k", "-1", "-1"),
+                                                ("--max-new-tokens", "-5", "-5")])
+def test_sampling_refuses_a_bad_number_naming_its_flag(tmp_path, flag, value, shown):
+    """Refused before any checkpoint is read (this one does not exist)."""
+    with pytest.raises(ValueError, match=rf"^{flag} {shown}: must be a finite number, 0 or more$"):
+        sample.main([str(tmp_path / "none"), flag, value])
 
 
 def test_sampling_repeats_for_a_seed(tmp_path):

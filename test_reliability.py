@@ -2,6 +2,8 @@
 
     python -m pytest -q test_reliability.py
 """
+import errno
+import fcntl
 import glob
 import json
 import os
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_train import HERE, SAMPLE_TRAIN, make_shards, read_metrics, tiny_run
+from test_train import HERE, SAMPLE_TRAIN, make_shards, only_run_dir, read_metrics, tiny_run
 
 CPU = torch.device("cpu")
 # run.sh's allocator settings: without them glibc hands the logits' memory back to the OS after every step
@@ -139,6 +141,10 @@ def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path)
     assert checkpoint["rng_cpu"].dtype == torch.uint8 and checkpoint["rng_cuda"] is None
 
 
+class Killed(BaseException):
+    """The process dying mid-write (SIGKILL, a lost node): nothing of write_checkpoint's runs after it."""
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """A write that dies halfway leaves only a .tmp file: the earlier checkpoint stays, whole and newest."""
     first = tg.checkpoint_path(str(tmp_path), 1)
@@ -146,14 +152,65 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
 
     def crash_halfway(state, f):
         f.write(b"PK\x03\x04 half a zip")
-        raise OSError("simulated crash")
+        raise Killed
 
     monkeypatch.setattr(tg.torch, "save", crash_halfway)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(Killed):
         tg.write_checkpoint(tg.checkpoint_path(str(tmp_path), 2), {"weights": torch.zeros(1000)}, keep=1)
     assert sorted(os.listdir(tmp_path)) == ["ckpt_step000001.pt", "ckpt_step000002.pt.tmp"]
     assert tg.find_checkpoint(str(tmp_path)) == first
     assert torch.equal(torch.load(first, weights_only=True)["weights"], torch.ones(1000))
+
+
+def test_a_full_disk_during_a_checkpoint_write_removes_the_partial_file_and_says_how_much_space_it_needs(
+        tmp_path, monkeypatch):
+    first = tg.checkpoint_path(str(tmp_path), 1)
+    tg.write_checkpoint(first, {"weights": torch.ones(1000)}, keep=1)
+
+    def fill_the_disk(state, f):
+        f.write(b"x" * 3000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tg.torch, "save", fill_the_disk)
+    second = tg.checkpoint_path(str(tmp_path), 2)
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(second)}: the write failed after 3,000 bytes "
+                                         rf"\(\[Errno 28\] No space left on device\); the checkpoint needs about 8,000 "
+                                         rf"bytes and its disk has [\d,]+ free\. The partial file is removed and the "
+                                         rf"earlier checkpoints are whole: free space, then resume from {tmp_path}$"):
+        tg.write_checkpoint(second, {"weights": torch.zeros(1000, dtype=torch.float64), "step": 2}, keep=1)
+    assert os.listdir(tmp_path) == ["ckpt_step000001.pt"]
+    assert torch.equal(torch.load(first, weights_only=True)["weights"], torch.ones(1000))
+
+
+def test_a_write_that_fails_part_way_inside_torch_save_is_reported_the_same(tmp_path):
+    """torch.save itself, stopped part-way by the file size limit (as by a full disk), reports "unexpected pos", not
+    the OSError; that is caught too."""
+    script = (f"import resource, signal, sys, torch; sys.path.insert(0, {HERE!r}); import train_gpt as tg; "
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY)); "
+              "tg.write_checkpoint(sys.argv[1], {'weights': torch.ones(100_000)}, keep=1)")
+    path = tg.checkpoint_path(str(tmp_path), 1)
+    done = subprocess.run([sys.executable, "-c", script, path], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert re.search(rf"ValueError: checkpoint {re.escape(path)}: the write failed after 100,000 bytes \(.*unexpected "
+                     r"pos .*\); the checkpoint needs about 400,000 bytes", done.stderr), done.stderr[-3000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_run_removes_the_partial_checkpoints_of_killed_writes_beside_its_checkpoint(uninterrupted, tmp_path):
+    """Files of killed writes go, and the log says so; a write still going on (it holds its lock) and every other
+    file stay."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tg.checkpoint_path(uninterrupted, 3), killed)
+    (killed / "ckpt_step000004.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    (killed / "notes.tmp").write_bytes(b"the user's")
+    with open(killed / "ckpt_step000005.pt.tmp", "wb") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)
+        tg.main(["--resume", str(killed), "--steps", "6", "--log-dir", str(tmp_path / "logs")])
+    assert sorted(os.listdir(killed)) == ["ckpt_step000003.pt", "ckpt_step000005.pt.tmp", "notes.tmp"]
+    with open(os.path.join(only_run_dir(tmp_path / "logs"), "log.txt")) as f:
+        assert f"removed {killed / 'ckpt_step000004.pt.tmp'} (15 bytes): a checkpoint whose write was killed\n" in f.read()
 
 
 def test_resume_finds_the_newest_checkpoint_and_rejects_bad_paths(tmp_path):
@@ -202,6 +259,18 @@ def test_resume_refuses_a_checkpoint_of_another_data_order(uninterrupted, tmp_pa
         tg.main(["--resume", str(old), "--steps", "20", "--log-dir", str(tmp_path / "logs")])
     assert "--data-seed None -> -1" in str(error.value)
     assert not (tmp_path / "logs").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_extend_it(uninterrupted, tmp_path):
+    """A finished run resumed as it is would train no step; it is refused before any directory exists, and the
+    --steps it names continues the run."""
+    with pytest.raises(ValueError, match=rf"--resume .*ckpt_step0000{STEPS}.pt: the run is finished, at step {STEPS} "
+                                         rf"of --steps {STEPS}; to train it further, pass --steps M with M > {STEPS}"):
+        tg.main(["--resume", uninterrupted, "--log-dir", str(tmp_path / "logs")])
+    assert not (tmp_path / "logs").exists()
+    tg.main(["--resume", uninterrupted, "--steps", str(STEPS + 2), "--log-dir", str(tmp_path / "logs")])
+    steps = [m["step"] for m in read_metrics(only_run_dir(tmp_path / "logs"))]
+    assert steps == [STEPS, STEPS + 1, STEPS + 2, STEPS + 2]  # an evaluation at the start (--val-every 4), 2 steps, the end
 
 
 def test_resume_allows_a_longer_schedule_and_another_micro_batch_or_world_size(uninterrupted):
@@ -357,10 +426,24 @@ def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
     (["--skip-nonfinite", "-1"], "--skip-nonfinite -1: must be 0 or more"),
     (["--dist-timeout", "0"], "--dist-timeout 0: must be positive"),
     (["--beta2", "1.0"], r"--beta2 1.0: must lie in \[0, 1\)"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
+    (["--grad-clip", "inf"], "--grad-clip inf: must be a finite number"),
+    (["--window", "128", "--seq-len", "128"], "--window 128: a window of --seq-len 128 tokens or more is full causal "
+                                              "attention; use --window 0 for that, or a window below 128"),
+    (["--window", "4096"], "--window 4096: a window of --seq-len 1024 tokens or more"),
+    (["--run-name", "../../x"], "--run-name '../../x': a name, not a path; pass the directory as --log-dir"),
 ])
 def test_config_checks_name_the_flag(bad, message):
     with pytest.raises(ValueError, match=message):
         tg.check_config(tg.parse_args(bad), world_size=1)
+
+
+def test_a_window_below_seq_len_and_a_run_name_with_dots_are_fine():
+    """--window seq_len - 1 still leaves out the oldest key of the last query; a name with dots stays a name (the
+    run directory is the name plus a time stamp)."""
+    tg.check_config(tg.parse_args(["--window", "1023", "--run-name", ".."]), world_size=1)
 
 
 def damaged_copy(tmp_path):
@@ -381,8 +464,32 @@ def damaged_copy(tmp_path):
      r"hold 850000 tokens, fewer than the 1048577 of one batch"),
     (lambda d: ["--resume", str(d / "nothing")], r"--resume .*nothing: no such file or directory"),
     (lambda d: ["--log-dir", SAMPLE_TRAIN.replace("*", "000001")], r"--log-dir .*: cannot make a run directory"),
+    (lambda d: ["--lr", "nan"], "--lr nan: must be a finite number"),
+    (lambda d: ["--run-name", "../escaped"], "--run-name '../escaped': a name, not a path"),
 ])
 def test_input_errors_stop_the_run_before_it_makes_a_directory(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
         tg.main(flags(tmp_path / "logs", *bad(tmp_path)))
-    assert not (tmp_path / "logs").exists()
+    assert not [path for path in tmp_path.iterdir() if path.is_dir()]
+
+
+# -----------------------------------------------------------------------------
+# The other scripts' bad input (export_hf.py and sample.py: test_ecosystem.py; data/fineweb.py: test_data.py)
+
+
+def test_plot_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
+    import plot
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"run_name": "run", "seed": 0, "lr": 1e-3, "window": 0,
+                                                     "gate": "none", "batch_tokens": 512}))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 1, "val_loss": 4.0}\n')
+    (tmp_path / "a_file").write_text("the user's")
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'a_file'} is a file, not a folder; pass a folder "
+                                         r"for the figures$"):
+        plot.main([str(run_dir), "--out", str(tmp_path / "a_file")])
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'a_file' / 'figures'}: cannot write the figures "
+                                         r"there \(.*\); pass a folder you can write to$"):
+        plot.main([str(run_dir), "--out", str(tmp_path / "a_file" / "figures")])
+    assert (tmp_path / "a_file").read_text() == "the user's"

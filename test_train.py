@@ -2,6 +2,7 @@
 
     python -m pytest -q test_train.py
 """
+import dataclasses
 import glob
 import hashlib
 import json
@@ -55,8 +56,9 @@ def test_tiny_gated_model_learns_and_logs(tmp_path):
     for key in ("val_loss", "train_time_s", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "params", "window", "gate"):
         assert key in summary
     assert summary["tokens"] == 40 * 2048 and summary["window"] == 32 and summary["gate"] == "head"
-    with open(os.path.join(run_dir, "train_gpt.py")) as f, open(tg.__file__) as g:
-        assert f.read() == g.read()
+    for name in ("train_gpt.py", "fa4_ops.py"):  # the code that ran, the file train_gpt.py imports included
+        with open(os.path.join(run_dir, name)) as f, open(os.path.join(HERE, name)) as g:
+            assert f.read() == g.read()
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["window"] == 32
     with open(os.path.join(run_dir, "env.json")) as f:
@@ -74,8 +76,9 @@ def test_run_directories_are_never_reused(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--gate", "both"], "--gate 'both'"),
-    (["--gate", "mix", "--window", "0"], "--gate mix mixes a window with full attention"),
-    (["--gate", "mix", "--window", "1024", "--seq-len", "1024"], "not 1024"),
+    (["--mix-full", "true", "--gate", "head"], "--mix-full mixes a window with full causal attention: give it a "
+                                               "--window between 1 and --seq-len 1024, not 0"),
+    (["--mix-full", "true", "--window", "256"], "--mix-full mixes by the gate: give it a --gate other than none"),
     (["--window", "-1"], "--window -1"),
     (["--n-head", "6", "--n-kv-head", "4"], "--n-head 6 is not a multiple of --n-kv-head 4"),
     (["--micro-batch-tokens", "1000", "--seq-len", "128"], "--micro-batch-tokens 1000 is not a multiple"),
@@ -93,9 +96,42 @@ def test_unknown_flag_is_an_error():
         tg.parse_args(["--windw", "3"])
 
 
+def test_help_shows_every_flags_comment_default_and_accepted_values(capsys):
+    """--help gives each flag the comment on its Hyperparameters field (meaning and unit) and its default, the names
+    the name-valued flags accept (as check_config checks them), and the fields' group headings."""
+    with pytest.raises(SystemExit) as stopped:
+        tg.given_flags(["--help"])
+    assert stopped.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # without argparse's line wrapping
+    docs = tg.field_docs()
+    for field in dataclasses.fields(tg.Hyperparameters):
+        assert docs[field.name][1], f"{field.name} has no comment for --help"
+        assert "".join(docs[field.name][1].split()) in text, field.name
+    for expected in ("--batch-tokensBATCH_TOKENStokensperoptimizerstep,overallGPUsandaccumulationsteps(default:524288)",
+                     "--gate" + "|".join(tg.GATES), "--attention-backendauto|flex|fa4", "--lossauto|plain|fused",
+                     "--compiletrue|falsetorch.compilethemodel(CUDAonly)(default:true)",
+                     "--dist-timeoutDIST_TIMEOUTseconds(default:900)", "distributed:arankthatwaitslonger"):
+        assert expected in text
+
+
 def test_missing_data_points_to_the_downloader(tmp_path):
     with pytest.raises(ValueError, match="data/fineweb.py"):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "train-files")
+
+
+def test_weight_decay_reaches_the_matrices_and_the_embedding_only():
+    model = tg.GPT(tg.ModelConfig(n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16, mlp_hidden=64,
+                                  seq_len=32, gate="head"))
+    args = tg.Hyperparameters(lr=2e-3, weight_decay=0.3, beta1=0.8, beta2=0.9)
+    decay, no_decay = tg.make_optimizer(model, args).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "blocks.0.attn.gate.bias", "blocks.0.attn.k_norm.weight", "blocks.0.attn.q_norm.weight",
+        "blocks.0.input_norm.weight", "blocks.0.mlp_norm.weight", "final_norm.weight"]
+    assert "embed.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    assert decay["lr"] == 2e-3 and decay["betas"] == (0.8, 0.9)
 
 
 def test_lr_schedule_warmup_constant_cooldown():
@@ -209,10 +245,32 @@ def run_sh(tmp_path, *args, ngpu="1"):
                           timeout=600)
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_run_sh_help_prints_its_presets(tmp_path, flag):
+    done = run_sh(tmp_path, flag)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("Presets for train_gpt.py:  ./run.sh [PRESET] [ARGS...]")
+    for preset in ("demo", "baseline", "gated", "window", "gate", "compare", "ablate"):
+        assert f"\n  {preset} " in done.stdout
+    assert "#" not in done.stdout and "set -euo" not in done.stdout
+
+
+def test_run_sh_train_files_with_an_equals_sign_fetches_no_fineweb(tmp_path):
+    """--train-files=X, like --train-files X, is the user's data: no download (offline here, so one would fail at
+    once), and train_gpt.py gets the pattern."""
+    env = {**os.environ, "NGPU": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gated", f"--train-files={tmp_path}/mine_*.bin",
+                           "--log-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"--train-files '{tmp_path}/mine_*.bin' matches no files" in done.stdout + done.stderr
+    assert "shards of" not in done.stdout and not os.path.exists(os.path.join(HERE, "data", "fineweb10B", ".download"))
+
+
 def study_flags(tmp_path, *extra):
-    """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory."""
+    """tiny_run's flags for 2 short steps, without --log-dir, which a study takes as the parent of its directory;
+    sequences of 512, longer than the arms' 256-token window."""
     flags = tiny_run(tmp_path, "--steps", "2", "--warmup-steps", "1", "--cooldown-steps", "1", "--batch-tokens",
-                     "1024", "--val-tokens", "1024", "--val-every", "0", *extra)
+                     "1024", "--val-tokens", "1024", "--val-every", "0", "--seq-len", "512", *extra)
     at = flags.index("--log-dir")
     return flags[:at] + flags[at + 2:]
 
@@ -247,7 +305,7 @@ def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the
 
 
 def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path):
-    tiny = study_flags(tmp_path, "--seq-len", "512")
+    tiny = study_flags(tmp_path)
     done = run_sh(tmp_path, "ablate", "--arms", "gated-64,mix", "--log-dir", str(tmp_path), *tiny)
     assert done.returncode == 0, done.stderr
     study, runs = study_summaries(tmp_path)

@@ -5,7 +5,7 @@ A Qwen3-style decoder (pre-norm RMSNorm, RoPE, grouped-query attention with RMSN
 MLP, tied embeddings, no biases) trained on pre-tokenized GPT-2 shards. Attention is one function with two
 knobs: `--window W` limits each query to itself and the W-1 tokens before it (0 = full causal), and
 `--gate head` multiplies each head's output by g = sigmoid(W_g x + b_g), a learned gate per head and token,
-as in "Dynamic Sparse Attention with Learned Head Gating" (`--gate mix` is the paper's other reading: each head
+as in "Dynamic Sparse Attention with Learned Head Gating" (`--mix-full true` is the paper's other reading: each head
 mixes its windowed and its full causal attention, g * local + (1 - g) * global). Which keys a query sees is one
 function, sliding_window_mask; on CUDA it runs through FlashAttention-4 (where installed) or FlexAttention, on
 the CPU, where FlexAttention has no backward, as a dense mask for SDPA.
@@ -20,15 +20,18 @@ with open(__file__) as f:
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import functools
 import glob
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +47,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fa4_ops
+
 # -----------------------------------------------------------------------------
 # Hyperparameters
 
@@ -51,20 +56,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 @dataclass
 class ModelConfig:
     """What the model is: GPT reads only these fields (the defaults give the paper's ~134M-parameter model)."""
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
-    n_layer: int = 12
-    d_model: int = 768
+    # shape
+    vocab_size: int = 50304  # token ids: GPT-2's 50257 padded to a multiple of 128
+    n_layer: int = 12  # transformer blocks
+    d_model: int = 768  # width of the residual stream
     n_head: int = 12  # query heads
     n_kv_head: int = 4  # key/value heads, shared by n_head // n_kv_head query heads each
-    head_dim: int = 128
-    mlp_hidden: int = 2048
-    rope_base: float = 10000.0
+    head_dim: int = 128  # channels per head
+    mlp_hidden: int = 2048  # the SwiGLU MLP's hidden width
+    rope_base: float = 10000.0  # the rotary embeddings' base (RoFormer's)
     seq_len: int = 1024  # tokens per sequence (the rotary tables' length)
+
     # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
-    gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; "mix": the
-    # same gate mixes each head's windowed attention (g) with its full causal attention (1 - g); the head gate's
+    gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; the head gate's
     # variants "channel", "head-nobias" and "head-open" (Gate)
+    mix_full: bool = False  # the gate g mixes each head's windowed attention (g) with its full causal attention
+    # (1 - g) instead of scaling it: a second attention pass, the paper's other reading; needs --window and --gate
 
     @classmethod
     def from_args(cls, args: "Hyperparameters") -> "ModelConfig":
@@ -73,11 +81,13 @@ class ModelConfig:
 
 @dataclass
 class Hyperparameters(ModelConfig):
-    """Every field, the model's included, is a command-line flag: --field-name value."""
+    """Every field, the model's included, is a command-line flag: --field-name value. The comment after a field (and
+    the comment lines right below it) is its --help; a comment after a blank line heads the group of flags below it."""
     # data
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # tokens per evaluation, the same ones every time
+
     # optimisation
     batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and accumulation steps
     micro_batch_tokens: int = 65_536  # tokens per forward/backward on one device
@@ -85,9 +95,9 @@ class Hyperparameters(ModelConfig):
     lr: float = 1e-3  # peak learning rate
     warmup_steps: int = 200  # linear warmup from 0
     cooldown_steps: int = 1000  # linear decay to 0 over the last steps
-    weight_decay: float = 0.1  # on matrices and embeddings only
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings only
+    beta1: float = 0.9  # AdamW's decay rate of the gradient's running mean
+    beta2: float = 0.95  # AdamW's decay rate of the squared gradient's running mean
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     seed: int = 0  # the initial weights, and the data order unless --data-seed is given
     data_seed: int = -1  # the order in which training reads its windows (DataLoader); -1 = --seed
@@ -97,18 +107,21 @@ class Hyperparameters(ModelConfig):
     loss: str = "auto"  # "fused" (liger-kernel's linear cross-entropy: a quarter of the memory), "plain", or "auto":
     # fused where it can run (CUDA, liger-kernel installed), else plain
     compile: bool = True  # torch.compile the model (CUDA only)
+
     # evaluation and logging
     val_every: int = 250  # steps between evaluations (and at the end); 0 = only at the end
     eval_seq_lens: str = ""  # after the last step, also evaluate the same validation tokens cut into sequences of
     # these lengths, e.g. "2048,4096,8192" (rotary tables and masks built for each); "" = none
     log_dir: str = "logs"  # each run gets a new subdirectory here
-    run_name: str = "run"  # prefix of the run's directory name
-    peak_tflops: float = 790.0  # bf16 dense peak for MFU (measured on H100 and H200)
+    run_name: str = "run"  # prefix of the run's directory name (a name, not a path)
+    peak_tflops: float = 790.0  # bf16 dense peak of one GPU, in TFLOP/s, for MFU (measured on H100 and H200)
+
     # checkpoints and guards
     save_every: int = 500  # steps between checkpoints, plus one after the last step; 0 = only that one
     keep_checkpoints: int = 2  # this run's newest checkpoints kept on disk; 0 = all
     resume: str = ""  # continue from this checkpoint, or from a run directory's newest one; "" = a new run
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops
+
     # distributed: a rank that waits longer than dist_timeout for the others in one collective fails, and so the job
     # does, rather than a hung or lost rank holding every GPU forever. A healthy run waits longest while one rank
     # compiles the first steps after another has finished (minutes on a GPU) and while rank 0 writes a checkpoint
@@ -117,16 +130,58 @@ class Hyperparameters(ModelConfig):
     dist_timeout: int = 900  # seconds
 
 
+ATTENTION_BACKENDS = ("auto", "flex", "fa4")  # --attention-backend's values
+LOSSES = ("auto", "plain", "fused")  # --loss's values
+
+
+def flag_choices() -> dict:
+    """The flags that take one of a few names, and those names (GATES is defined with Gate, below)."""
+    return {"gate": GATES, "attention_backend": ATTENTION_BACKENDS, "loss": LOSSES}
+
+
+FIELD_LINE = re.compile(r"    (\w+): [^=]+= .*?(?:  # (.*))?")
+COMMENT_LINE = re.compile(r"    # (.*)")
+
+
+def field_docs() -> dict:
+    """{field: [its group's heading, its help]}, read from the comments of ModelConfig and Hyperparameters (the
+    convention their docstring states), so that --help says what the source says."""
+    docs, heading, target = {}, "", None  # target: the field a comment line continues, "" a heading, None neither
+    for cls in (ModelConfig, Hyperparameters):
+        for line in inspect.getsource(cls).splitlines():
+            if field_line := FIELD_LINE.fullmatch(line):
+                target = field_line[1]
+                docs[target] = [heading, field_line[2] or ""]
+            elif comment := COMMENT_LINE.fullmatch(line):
+                if target is None:
+                    heading, target = comment[1], ""
+                elif target == "":
+                    heading += "\n" + comment[1]  # kept as written: the help prints a group's heading unwrapped
+                else:
+                    docs[target][1] += " " + comment[1]
+            else:
+                target = None
+    return docs
+
+
 def given_flags(argv=None) -> dict:
     """The flags on the command line, {field: value}: one `--field value` flag per Hyperparameters field; unknown
     flags are errors. Only those given, so that a resumed run takes the rest from its checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
+    docs, groups, choices = field_docs(), {}, flag_choices()
     for f in fields(Hyperparameters):
+        heading, text = docs[f.name]
+        title, _, description = heading.partition(": ")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title, description or None)
+        default = repr(f.default) if isinstance(f.default, str) else str(f.default).lower()  # as a flag takes it
+        kwargs = {"help": f"{text} (default: {default})".replace("%", "%%")}  # argparse %-formats help
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag(f.name), type=_parse_bool, metavar="true|false", help=f"default {f.default}")
+            kwargs.update(type=_parse_bool, metavar="true|false")
         else:
-            parser.add_argument(flag(f.name), type=type(f.default), help=f"default {f.default!r}")
+            kwargs.update(type=type(f.default), metavar="|".join(choices[f.name]) if f.name in choices else None)
+        groups[title].add_argument(flag(f.name), **kwargs)
     return vars(parser.parse_args(argv))
 
 
@@ -223,71 +278,13 @@ def build_mask(mask_mod, seq_len: int, device, backend: str):
 
 class AttentionMasks(NamedTuple):
     """What GPT.masks builds and every Attention layer reads: the rule's mask, and the full causal mask that
-    --gate mix mixes it with (None otherwise)."""
+    --mix-full mixes it with (None otherwise: Attention then has one pass)."""
     local: object
     full: object = None
 
 
 # -----------------------------------------------------------------------------
-# Attention kernels: FlashAttention-4 (optional), FlexAttention, SDPA
-
-
-def flash_attention_4():
-    """flash_attn.cute's interface module, or the reason it cannot run here."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA GPU"
-    if torch.cuda.get_device_capability() < (9, 0):
-        return None, f"{torch.cuda.get_device_name()} is older than Hopper (SM90)"
-    try:
-        from flash_attn.cute import interface
-    except ImportError as error:
-        return None, f"flash-attn-4 does not import ({error})"
-    return interface, ""
-
-
-# FlashAttention-4's public flash_attn_func is an autograd.Function, which a custom op cannot hold, so these two ops call
-# its forward and backward functions, _flash_attn_fwd and _flash_attn_bwd, of the pinned version (README's set-up)
-@torch.library.custom_op("gated_swa::fa4_forward", mutates_args=())
-def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention-4 on (B, T, H, D) tensors, causal, window (left, 0) (left < 0: none). An opaque op to
-    torch.compile, so the compiled graph runs it as it is instead of breaking around its Python."""
-    interface, _ = flash_attention_4()
-    out, lse, *_ = interface._flash_attn_fwd(q, k, v, causal=True, window_size_left=None if left < 0 else left,
-                                             window_size_right=0, return_lse=True)
-    return out, lse
-
-
-@fa4_forward.register_fake
-def _(q, k, v, left):
-    B, T, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("gated_swa::fa4_backward", mutates_args=())
-def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-                 lse: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    interface, _ = flash_attention_4()
-    dq, dk, dv = interface._flash_attn_bwd(q, k, v, out, grad_out, lse, causal=True,
-                                           window_size_left=None if left < 0 else left, window_size_right=0)
-    return dq, dk, dv
-
-
-@fa4_backward.register_fake
-def _(q, k, v, out, grad_out, lse, left):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, ctx.left = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _fa4_grads(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return *fa4_backward(q, k, v, out, grad_out.contiguous(), lse, ctx.left), None
-
-
-fa4_forward.register_autograd(_fa4_grads, setup_context=_fa4_setup_context)
+# Attention kernels: FlashAttention-4 (optional; its custom ops are in fa4_ops.py), FlexAttention, SDPA
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
 
@@ -300,8 +297,8 @@ def attention(q, k, v, mask):
     backward). The tests check that they agree. FlashAttention-4 takes (B, T, H, D): q, k, v come from
     Attention.qkv as transposed views of that layout, so the transposes here copy nothing."""
     if isinstance(mask, FlashWindow):
-        out, _ = fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                             -1 if mask.left is None else mask.left)
+        out, _ = fa4_ops.fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                     -1 if mask.left is None else mask.left)
         return out.transpose(1, 2)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -313,7 +310,7 @@ def choose_attention_backend(requested: str, cfg: ModelConfig, device: torch.dev
     and a note on why when auto falls back to flex. A fa4 that cannot run is an error naming the flag."""
     if device.type == "cuda" and requested == "flex":
         return "flex", ""
-    _, reason = flash_attention_4() if device.type == "cuda" else (None, "the device is the CPU")
+    _, reason = fa4_ops.flash_attention_4() if device.type == "cuda" else (None, "the device is the CPU")
     if not reason and flash_window(sliding_window_mask(cfg), cfg.seq_len, device) is None:
         reason = "sliding_window_mask is not a sliding window, and FlashAttention-4 runs only those"
     if not reason and cfg.head_dim not in (64, 96, 128):
@@ -345,13 +342,13 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-GATES = ("none", "head", "mix", "channel", "head-nobias", "head-open", "const", "scalar")  # --gate; Gate says what each does
+GATES = ("none", "head", "channel", "head-nobias", "head-open", "const", "scalar")  # --gate; Gate says what each does
 
 
 class Gate(nn.Module):
     """The gate on the attention output, from the attention's normed input x: g = sigmoid(W_g x + b_g), in (0, 1).
 
-    --gate head (the paper's, and mix's): one gate per head and token. It starts with W_g = 0 and b_g = 0: every gate
+    --gate head (the paper's): one gate per head and token. It starts with W_g = 0 and b_g = 0: every gate
     is 0.5, the sigmoid's steepest point, so it learns fastest there and starts from no preference between heads or
     tokens; the constant factor 0.5 is absorbed by o_proj. The variants, for the study of which part matters:
     channel, one gate per channel of each head (n_head x head_dim outputs, the elementwise gate of Qwen's gated
@@ -386,15 +383,8 @@ class Gate(nn.Module):
 
 
 def gate_mix(g, local, full):
-    """--gate mix: g of the windowed attention and 1 - g of the full causal one (outputs, or attention weights)."""
+    """--mix-full: g of the windowed attention and 1 - g of the full causal one (outputs, or attention weights)."""
     return g * local + (1 - g) * full
-
-
-def attention_weights(q, k, mask):
-    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T)."""
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 class Attention(nn.Module):
@@ -407,9 +397,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.gate_kind = cfg.gate
         self.gate = Gate(cfg) if cfg.gate != "none" else None
-        self.observer = None  # probe() sets a function here to see this layer's gates and attention weights
+        self.observer = None  # probe() sets a function here to see this layer's queries, keys, gates and masks
 
     def qkv(self, x, cos, sin):
         """Queries (B, H, T, D) and keys, values (B, H_kv, T, D), normalised and rotated: views of (B, T, H, D)."""
@@ -424,16 +413,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         y = attention(q, k, v, masks.local).transpose(1, 2)  # B, T, H, D
-        g = self.gate(x) if self.gate is not None else None  # B, T, H, 1
-        if self.gate_kind == "mix":
+        g = self.gate(x) if self.gate is not None else None  # B, T, H, 1 (B, T, H, D: a gate per channel)
+        if masks.full is not None:  # --mix-full: a second, full causal pass
             y = gate_mix(g, y, attention(q, k, v, masks.full).transpose(1, 2))
         elif g is not None:
             y = y * g  # on flex, fused by torch.compile into the copy that lays y out for o_proj
-        if self.observer is not None:  # the weights the output is made of (--gate head scales the output instead)
-            weights = attention_weights(q, k, masks.local)
-            if self.gate_kind == "mix":
-                weights = gate_mix(g.transpose(1, 2), weights, attention_weights(q, k, masks.full))
-            self.observer(g, weights)
+        if self.observer is not None:
+            self.observer(q, k, g, masks)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -462,13 +448,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, loss_kernel: str = "plain"):
         super().__init__()
         # init_weights draws from the random state as it is now, not as building the modules left it, so one seed
         # gives models with and without a gate the same values of every other weight
         rng_state = torch.get_rng_state()
         self.cfg = cfg
-        self.loss = "plain"  # or "fused": which loss forward computes (choose_loss); the value is the same
+        self.loss_kernel = loss_kernel  # "plain" or "fused" (choose_loss): how forward computes the same loss
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
@@ -506,7 +492,7 @@ class GPT(nn.Module):
     def masks(self, seq_len: int, device, backend: str = "sdpa") -> AttentionMasks:
         """This model's attention masks for sequences of seq_len, as `backend` (build_mask) takes them; the
         dense "sdpa" masks serve any device and any length (sampling, the probe)."""
-        full = sliding_window_mask(dataclasses.replace(self.cfg, window=0)) if self.cfg.gate == "mix" else None
+        full = sliding_window_mask(dataclasses.replace(self.cfg, window=0)) if self.cfg.mix_full else None
         return AttentionMasks(build_mask(sliding_window_mask(self.cfg), seq_len, device, backend),
                               None if full is None else build_mask(full, seq_len, device, backend))
 
@@ -527,12 +513,12 @@ class GPT(nn.Module):
         return F.linear(self.hidden(idx, masks), self.embed.weight)  # tied output layer
 
     def forward(self, idx, targets, masks: AttentionMasks):
-        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With self.loss "fused"
+        """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With loss_kernel "fused"
         (choose_loss) it is liger-kernel's fused linear cross-entropy, which computes the logits a chunk of tokens at
         a time, so the (B * T, vocab) float32 logits never exist at once: the same value, gradients within bf16
         rounding, in a quarter of the memory (bench.py's loss table)."""
         x = self.hidden(idx, masks)
-        if self.loss == "fused":
+        if self.loss_kernel == "fused":
             return fused_linear_cross_entropy(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
                                               targets.flatten())
         logits = F.linear(x, self.embed.weight)
@@ -540,9 +526,9 @@ class GPT(nn.Module):
 
 
 @functools.cache
-def fused_cross_entropy():
-    """liger-kernel's fused linear cross-entropy (optional, CUDA), called as f(weight, x, targets); or None where it
-    does not import. Imported on first use, not with this file."""
+def liger_loss_module():
+    """liger-kernel's fused linear cross-entropy module (optional, CUDA), called as f(weight, x, targets); or None
+    where it does not import. Imported on first use, not with this file, and built once."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -552,7 +538,8 @@ def fused_cross_entropy():
 
 @torch.compiler.disable  # run as it is, between compiled graphs: its host-side .item() and Triton launches do not trace
 def fused_linear_cross_entropy(weight, x, targets):
-    return fused_cross_entropy()(weight, x, targets)
+    """The mean cross-entropy of the logits x @ weight^T against targets, a chunk of tokens at a time (liger-kernel)."""
+    return liger_loss_module()(weight, x, targets)
 
 
 def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
@@ -561,7 +548,7 @@ def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
     if requested == "plain":
         return "plain", ""
     reason = ("the device is the CPU" if device.type != "cuda"
-              else "liger-kernel does not import" if fused_cross_entropy() is None else "")
+              else "liger-kernel does not import" if liger_loss_module() is None else "")
     if requested == "fused" and reason:
         raise ValueError(f"--loss fused cannot run here: {reason}; install liger-kernel with the README's optional pip "
                          f"line on a CUDA GPU, or use --loss plain")
@@ -572,10 +559,10 @@ def choose_loss(requested: str, device: torch.device) -> tuple[str, str]:
 
 def attention_flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs of QK^T and PV per token, counting only the (query, key) pairs the visibility rule lets
-    attend: 2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --gate mix adds
+    attend: 2 matmuls x 2 FLOPs per multiply-add x head_dim per pair, x3 for forward + backward. --mix-full adds
     its second, full causal pass."""
     pairs = visible_pairs(sliding_window_mask(cfg), cfg.seq_len)
-    if cfg.gate == "mix":
+    if cfg.mix_full:
         pairs += visible_pairs(sliding_window_mask(dataclasses.replace(cfg, window=0)), cfg.seq_len)
     return 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * pairs / cfg.seq_len
 
@@ -735,7 +722,17 @@ class DataLoader:
 
 
 # -----------------------------------------------------------------------------
-# Schedule, evaluation and probes
+# Optimizer, schedule, evaluation and probes
+
+
+def make_optimizer(model: nn.Module, args: Hyperparameters) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices and the embedding only, not on the norms' weights or the gate's bias;
+    fused on CUDA. get_lr sets the learning rate every step."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.beta1, args.beta2), fused=next(model.parameters()).is_cuda)
 
 
 def get_lr(step: int, args: Hyperparameters) -> float:
@@ -766,6 +763,14 @@ def evaluate(model, loader: DataLoader, steps: int, masks: AttentionMasks) -> fl
 PROBE_CHUNK = 4  # sequences per pass, so the (4, H, T, T) float32 attention weights stay small at T = 1024
 
 
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(D)) under a dense boolean mask, for q (B, H, T, D) and k (B, H_kv, T, D): (B, H, T, T).
+    The probe's own: the kernels of attention() never materialise the weights."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 @torch.no_grad()
 def probe(model: GPT, idx) -> dict:
     """How the attention of `model` behaves on validation tokens idx (B, T), per layer, in float32:
@@ -773,9 +778,10 @@ def probe(model: GPT, idx) -> dict:
     channels) and the fractions under 0.1 and over 0.9; sinks: the mean share of attention a query puts on the
     sequence's first token, and on the first token it sees (the oldest key of its window; the same token under
     full attention).
-    Each layer's Attention hands its gates and attention weights over from the forward pass itself (its
-    observer), with dense masks: under --gate mix the weights are the mixture a head's output is made of; a
-    --gate head gate scales the output, not the weights, so there they are the softmax's."""
+    Each layer's Attention hands its queries, keys, gates and masks over from the forward pass itself (its
+    observer), run with dense masks, and the weights are computed from them here: under --mix-full they are the
+    mixture a head's output is made of (averaged over a channel gate's channels); a --gate head gate scales the
+    output, not the weights, so there they are the softmax's."""
     was_training = model.training
     model.eval()
     T, device, n_layer = idx.size(1), idx.device, len(model.blocks)
@@ -785,7 +791,11 @@ def probe(model: GPT, idx) -> dict:
     gates, first_share, start_share = [[] for _ in range(n_layer)], [0.0] * n_layer, [0.0] * n_layer
 
     def observer(layer):
-        def observe(g, weights):  # g (B, T, H, 1 or D) or None; weights (B, H, T, T)
+        def observe(q, k, g, masks):  # q (B, H, T, D), k (B, H_kv, T, D), g (B, T, H, 1 or D) or None
+            weights = attention_weights(q, k, masks.local)  # B, H, T, T
+            if masks.full is not None:  # each channel's mixture, averaged over the head's channels
+                g_head = g.mean(-1, keepdim=True).transpose(1, 2)  # B, H, T, 1
+                weights = gate_mix(g_head, weights, attention_weights(q, k, masks.full))
             if g is not None:  # per head: its gates over tokens (and channels)
                 gates[layer].append(g.transpose(2, 3).reshape(-1, g.size(2)))
             first_share[layer] += weights[..., 0].sum().item()
@@ -874,6 +884,7 @@ def main(argv=None):
         env["provenance"] = provenance(train_loader, val_loader)
         with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
             f.write(code)
+        shutil.copy(fa4_ops.__file__, run_dir)  # the FlashAttention-4 ops this file imports
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "kernels": kernels}, f, indent=2)
         with open(os.path.join(run_dir, "env.json"), "w") as f:
@@ -885,8 +896,7 @@ def main(argv=None):
     print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
 
     torch.manual_seed(args.seed)
-    raw_model = GPT(cfg).to(device)
-    raw_model.loss = loss_kernel
+    raw_model = GPT(cfg, loss_kernel).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = training_flops_per_token(cfg, n_params)
     print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
@@ -895,11 +905,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     masks = raw_model.masks(T, device, backend)
 
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    optimizer = make_optimizer(raw_model, args)
     start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
     if checkpoint is not None:
         restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
@@ -908,6 +914,9 @@ def main(argv=None):
         last_checkpoint = args.resume
         print0(f"resumed from {args.resume} at step {start_step}"
                + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
+        if master:  # the run resumed from may have been killed while writing a checkpoint beside this one
+            for note in remove_partial_checkpoints(os.path.dirname(args.resume) or "."):
+                print0(note)
         del checkpoint  # frees the CPU copy of weights and moments
 
     def save_checkpoint(step: int) -> str:
@@ -1072,16 +1081,57 @@ def run_checkpoints(run_dir: str) -> list:
 
 def write_checkpoint(path: str, state: dict, keep: int):
     """Writes a temporary file and renames it into place, so a crash mid-write leaves the earlier checkpoints
-    whole and nothing damaged under a checkpoint's name; then deletes all but the run's `keep` newest (0 = none)."""
+    whole and nothing damaged under a checkpoint's name; then deletes all but the run's `keep` newest (0 = none).
+    A write that fails (a full disk) removes its temporary file and says how much space the checkpoint needs."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in its place
+    try:
+        with open(tmp, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # held while the file is written: remove_partial_checkpoints leaves it be
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in its place
+    except (OSError, RuntimeError) as error:  # torch.save reports a write that fails part-way as "unexpected pos"
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        run_dir = os.path.dirname(path) or "."
+        raise ValueError(f"checkpoint {path}: the write failed after {written:,} bytes ({error}); the checkpoint needs "
+                         f"about {state_bytes(state):,} bytes and its disk has {shutil.disk_usage(run_dir).free:,} "
+                         f"free. The partial file is removed and the earlier checkpoints are whole: free space, then "
+                         f"resume from {run_dir}") from error
     os.replace(tmp, path)
     if keep:
         for old in run_checkpoints(os.path.dirname(path))[:-keep]:
             os.remove(old)
+
+
+def state_bytes(value) -> int:
+    """The bytes of the tensors in a checkpoint's state: the size of its file, within the zip format's overhead."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(map(state_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+PARTIAL_CHECKPOINT_NAME = re.compile(r"ckpt_step\d+\.pt\.tmp")
+
+
+def remove_partial_checkpoints(run_dir: str) -> list:
+    """Removes the temporary files of checkpoint writes that were killed (SIGKILL, a lost node) from run_dir, and
+    returns a note on each. A write still going on holds a lock on its file (write_checkpoint), which is left."""
+    notes = []
+    for name in sorted(filter(PARTIAL_CHECKPOINT_NAME.fullmatch, os.listdir(run_dir))):
+        path = os.path.join(run_dir, name)
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            size = os.fstat(f.fileno()).st_size
+            os.remove(path)
+        notes.append(f"removed {path} ({size:,} bytes): a checkpoint whose write was killed")
+    return notes
 
 
 def find_checkpoint(path: str, argument: str = "--resume") -> str:
@@ -1106,6 +1156,10 @@ def load_checkpoint(path: str, argument: str = "--resume") -> dict:
         raise ValueError(f"{argument} {path}: not a readable checkpoint ({error}); pass an earlier one") from error
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise ValueError(f"{argument} {path}: not a checkpoint written by train_gpt.py; pass a ckpt_step*.pt file")
+    config = checkpoint["config"]
+    if "mix_full" not in config:  # written before --mix-full, which was then --gate mix: the same model, respelled
+        mixed = config["gate"] == "mix"
+        checkpoint["config"] = {**config, "gate": "head" if mixed else config["gate"], "mix_full": mixed}
     return checkpoint
 
 
@@ -1135,6 +1189,9 @@ def check_resume(checkpoint: dict, args: Hyperparameters, train_shards: list, wo
         raise ValueError(f"--resume {args.resume}: this run differs from the checkpoint (its value -> this run's) "
                          "where it must not:\n  " + "\n  ".join(refused) + "\nuse the checkpoint's values (its run's "
                          "config.json) or start a new run without --resume")
+    if args.steps == checkpoint["step"]:  # resumed as it is, it would train no step and report a run of none
+        raise ValueError(f"--resume {args.resume}: the run is finished, at step {checkpoint['step']} of --steps "
+                         f"{args.steps}; to train it further, pass --steps M with M > {checkpoint['step']}")
     if checkpoint["world_size"] != world_size:
         changed.append(f"world size {checkpoint['world_size']} -> {world_size}")
     return changed
@@ -1206,9 +1263,11 @@ def setup_distributed(timeout_s: int):
 
 def check_config(args: Hyperparameters, world_size: int) -> int:
     """Checks flags that must agree before any work; returns the gradient accumulation steps."""
-    problems = []
+    # a NaN passes every comparison below, and a NaN or infinite --lr or --weight-decay would only show steps later
+    problems = [f"{flag(f.name)} {getattr(args, f.name)}: must be a finite number" for f in fields(args)
+                if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name))]
     for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "rope_base",
-                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps", "dist_timeout"):
+                 "seq_len", "batch_tokens", "micro_batch_tokens", "steps", "peak_tflops", "dist_timeout"):
         if getattr(args, name) <= 0:
             problems.append(f"{flag(name)} {getattr(args, name)}: must be positive")
     for name in ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "val_every", "save_every",
@@ -1220,17 +1279,21 @@ def check_config(args: Hyperparameters, world_size: int) -> int:
             problems.append(f"{flag(name)} {getattr(args, name)}: must lie in [0, 1)")
     if problems:  # the checks below divide by these sizes
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
-    if args.attention_backend not in ("auto", "flex", "fa4"):
-        problems.append(f"--attention-backend {args.attention_backend!r}: use auto, flex or fa4")
-    if args.loss not in ("auto", "plain", "fused"):
-        problems.append(f"--loss {args.loss!r}: use auto, plain or fused")
-    if args.gate not in GATES:
-        problems.append(f"--gate {args.gate!r}: use one of {', '.join(GATES)}")
-    if args.gate == "mix" and not 0 < args.window < args.seq_len:
-        problems.append(f"--gate mix mixes a window with full attention: give it a --window between 1 and "
-                        f"--seq-len {args.seq_len}, not {args.window}")
+    for name, allowed in flag_choices().items():
+        if getattr(args, name) not in allowed:
+            problems.append(f"{flag(name)} {getattr(args, name)!r}: use one of {', '.join(allowed)}")
+    if args.mix_full and args.window == 0:
+        problems.append(f"--mix-full mixes a window with full causal attention: give it a --window between 1 and "
+                        f"--seq-len {args.seq_len}, not 0")
+    if args.mix_full and args.gate == "none":
+        problems.append("--mix-full mixes by the gate: give it a --gate other than none (--gate head is the paper's)")
     if args.window < 0:
         problems.append(f"--window {args.window}: use 0 (full causal) or a positive number of tokens")
+    if args.window >= args.seq_len:  # every query of a sequence sees at most seq_len keys, itself included
+        problems.append(f"--window {args.window}: a window of --seq-len {args.seq_len} tokens or more is full causal "
+                        f"attention; use --window 0 for that, or a window below {args.seq_len}")
+    if os.path.basename(args.run_name) != args.run_name:
+        problems.append(f"--run-name {args.run_name!r}: a name, not a path; pass the directory as --log-dir")
     if args.n_head % args.n_kv_head:
         problems.append(f"--n-head {args.n_head} is not a multiple of --n-kv-head {args.n_kv_head}")
     if args.head_dim % 2:

@@ -118,9 +118,18 @@ def describe(error: BaseException) -> str:
     return text.replace(token, "<HF_TOKEN>") if token else text
 
 
+def make_out_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: a file, not a folder; pass a folder for the shards")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file on its path, or no permission
+        raise ValueError(f"--out {out_dir}: cannot make the folder ({e}); pass a folder you can write to") from e
+
+
 def download_fineweb(repo: str, prefix: str, train_shards: int, out_dir: str) -> None:
     names = [shard_name(prefix, index) for index in range(train_shards + 1)]
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     print(f"{len(names)} shards of {hf_constants.ENDPOINT}/datasets/{repo} into {out_dir}")
     fetched = 0
     for i, name in enumerate(names, 1):
@@ -231,19 +240,23 @@ def read_documents(path: str, separator):
 
 def document_batches(paths: list, separator):
     """Lists of documents of about BATCH_CHARS characters, in input order. Empty documents are dropped: a lone
-    BOS_ID teaches nothing."""
-    batch, chars = [], 0
+    BOS_ID teaches nothing. Inputs with no text at all are an error, rather than no shards."""
+    batch, chars, found = [], 0, False
     for path in paths:
         for document in read_documents(path, separator):
             if not document:
                 continue
             batch.append(document)
             chars += len(document)
+            found = True
             if chars >= BATCH_CHARS:
                 yield batch
                 batch, chars = [], 0
     if batch:
         yield batch
+    if not found:
+        raise ValueError(f"--tokenize {' '.join(paths)}: no text in {'it' if len(paths) == 1 else 'them'} (empty "
+                         f"documents are left out); pass files that hold text")
 
 
 def check_inputs(paths: list, out_dir: str, prefix: str) -> None:
@@ -290,7 +303,10 @@ def write_token_shards(token_arrays, out_dir: str, prefix: str, val_tokens: int,
 
 
 def write_one(tokens: np.ndarray, path: str, written: list, total: int, start: float) -> None:
-    write_shard(path, tokens)
+    try:
+        write_shard(path, tokens)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write the shard ({e}); free space on its disk or pass another --out") from e
     written.append(path)
     seconds = time.perf_counter() - start
     print(f"{path}: {len(tokens):,} tokens ({total:,} tokenized so far, {total / seconds:,.0f} tokens/s)",
@@ -307,7 +323,7 @@ def tokenize_files(paths: list, out_dir: str, prefix: str, separator, val_tokens
     """Tokenizes the files into shards under out_dir, refusing to replace shards already there. On any
     failure, the shards this call wrote are removed, so a half-made set never passes for a whole one."""
     check_inputs(paths, out_dir, prefix)
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     workers = workers or usable_cores()
     start = time.perf_counter()
     written = []
@@ -372,6 +388,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
+        if args.prefix is not None and os.path.basename(args.prefix) != args.prefix:
+            raise ValueError(f"--prefix {args.prefix!r}: a name, not a path; pass the folder as --out")
         if args.tokenize:
             tokenize_files(args.tokenize, args.out, args.prefix or TEXT_PREFIX, args.separator, args.val_tokens,
                            args.shard_tokens, args.max_tokens, args.workers)
