@@ -269,7 +269,6 @@ def build_model(variant: Variant, cfg, state, backend, device, residual_dtype):
             if isinstance(block.attn, FusedAttention):
                 block.attn.copy_v = backend == "fa4" and block.attn.qkvg.out_features % ALIGN != 0
     model.load_state_dict(to_layout(state, model))  # strict: every weight of the layout, no more
-    model.loss = "plain"
     return model.to(device)
 
 
@@ -293,13 +292,8 @@ def measure(variant: Variant, ctx, is_reference: bool, reference) -> dict:
         cudagraphs = variant.mode in ("reduce-overhead", "max-autotune")
     elif variant.mode != "default":
         result["note"] = f"mode {variant.mode} not applied: compile is off"
-    params = list(model.parameters())
-    decay = [p for p in params if p.dim() >= 2]  # train_gpt.main's groups
-    no_decay = [p for p in params if p.dim() < 2]
     hp = tg.Hyperparameters()
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=device.type == "cuda")
+    params, optimizer = list(model.parameters()), tg.make_optimizer(model, hp)  # train_gpt.main's AdamW and groups
 
     def forward_backward():
         if cudagraphs:  # a new iteration for CUDA graph trees: the previous step's outputs may be overwritten
