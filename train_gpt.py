@@ -829,223 +829,6 @@ def autocast(device: torch.device):
 
 
 # -----------------------------------------------------------------------------
-# Main: the training run. Its checkpoints, stop signals and set-up follow it, below.
-
-
-def main(argv=None):
-    given = given_flags(argv)
-    checkpoint = None
-    if "resume" in given:  # the checkpoint's own config, with the flags given beside --resume
-        path = find_checkpoint(given["resume"])
-        checkpoint = load_checkpoint(path)
-        args = Hyperparameters(**{**checkpoint["config"], **given, "resume": path})  # config.json names the file
-    else:
-        args = Hyperparameters(**given)
-    # before the process group starts, which a bad flag (--dist-timeout 0) would break with a less clear error
-    grad_accum_steps = check_config(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
-    master = rank == 0
-    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
-    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
-                              args.vocab_size, device, seed=args.seed if args.data_seed < 0 else args.data_seed)
-    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
-                            args.vocab_size, device)
-    val_steps = args.val_tokens // (world_size * B * T)
-    if val_loader.tokens_per_epoch < args.val_tokens + 1:
-        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
-                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
-    train_shards = [[os.path.basename(f), n] for f, n in zip(train_loader.files, train_loader.shard_tokens)]
-    if checkpoint is not None:
-        resume_changes = check_resume(checkpoint, args, train_shards, world_size)
-    cfg = ModelConfig.from_args(args)
-    backend, backend_note = choose_attention_backend(args.attention_backend, cfg, device)
-    loss_kernel, loss_note = choose_loss(args.loss, device)
-    kernels = {"attention": backend, "loss": loss_kernel}
-
-    run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
-    if world_size > 1:  # every rank names the same checkpoint files in its messages
-        shared = [run_dir]
-        dist.broadcast_object_list(shared)
-        run_dir = shared[0]
-
-    def print0(msg: str):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(run_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def record(**metrics):
-        if master:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-
-    env = environment(device, world_size)
-    if master:
-        env["provenance"] = provenance(train_loader, val_loader)
-        with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
-            f.write(code)
-        shutil.copy(fa4_ops.__file__, run_dir)  # the FlashAttention-4 ops this file imports
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(args), "kernels": kernels}, f, indent=2)
-        with open(os.path.join(run_dir, "env.json"), "w") as f:
-            json.dump(env, f, indent=2)
-    print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
-    for note in (backend_note, loss_note):
-        if note:
-            print0(note)
-    print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
-
-    torch.manual_seed(args.seed)
-    raw_model = GPT(cfg, loss_kernel).to(device)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_token = training_flops_per_token(cfg, n_params)
-    print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
-    model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    masks = raw_model.masks(T, device, backend)
-
-    optimizer = make_optimizer(raw_model, args)
-    start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
-    if checkpoint is not None:
-        restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
-        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
-        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
-        last_checkpoint = args.resume
-        print0(f"resumed from {args.resume} at step {start_step}"
-               + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
-        if master:  # the run resumed from may have been killed while writing a checkpoint beside this one
-            for note in remove_partial_checkpoints(os.path.dirname(args.resume) or "."):
-                print0(note)
-        del checkpoint  # frees the CPU copy of weights and moments
-
-    def save_checkpoint(step: int) -> str:
-        """Rank 0 writes; every rank waits for it, so none exits (or is killed with the job) while it writes."""
-        path = checkpoint_path(run_dir, step)
-        if master:
-            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "data_position": train_loader.position, "data_order": DATA_ORDER, "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
-                     "train_time_s": train_time, "nonfinite_skipped": skipped}
-            write_checkpoint(path, state, args.keep_checkpoints)
-            print0(f"checkpoint {path}")
-        if world_size > 1:
-            dist.barrier()
-        return path
-
-    # gate and sink statistics at each evaluation, on rank 0's first validation micro-batch, read once
-    probe_inputs = val_loader.first_batch() if master else None
-    # the first steps compile; they stay out of step time and tokens/s
-    timing_skip = start_step + min(5, args.steps - start_step - 1)
-    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
-    tokens_per_step = args.batch_tokens
-    stop, stop_signal, failure = StopSignals(), 0, None
-    for step in range(start_step, args.steps + 1):
-        last_step = step == args.steps
-        if last_step or (args.val_every > 0 and step % args.val_every == 0):
-            val_loss = evaluate(model, val_loader, val_steps, masks)
-            print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
-            probes = probe(raw_model, probe_inputs) if master else {}  # the other ranks wait at the next step
-            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
-        if last_step:
-            val_loss_by_seq_len = {str(T): val_loss}
-            for length in eval_seq_lens(args):  # the uncompiled model: each length would be a new compilation
-                loader = DataLoader(val_loader.files, args.micro_batch_tokens // length, length, rank, world_size,
-                                    args.vocab_size, device)
-                val_loss_by_seq_len[str(length)] = evaluate(raw_model, loader, val_steps,
-                                                            raw_model.masks(length, device, backend))
-                print0(f"step:{step}/{args.steps} val_loss:{val_loss_by_seq_len[str(length)]:.4f} seq_len:{length}")
-            if len(val_loss_by_seq_len) > 1:
-                record(step=step, val_loss_by_seq_len=val_loss_by_seq_len)
-            break
-
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loss = torch.zeros((), device=device)
-        for micro_step in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch()
-            if world_size > 1:
-                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-            with autocast(device):
-                loss = model(inputs, targets, masks) / grad_accum_steps
-            loss.backward()
-            train_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        if world_size > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
-        # checked before the update, which would spread a NaN to every weight; every rank sees the same averaged
-        # loss and, after DDP's all-reduce, the same gradients, so all decide alike
-        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
-        train_time += step_time
-        if step >= timing_skip:
-            timed_time, timed_steps = timed_time + step_time, timed_steps + 1
-        tokens_per_s = tokens_per_step * timed_steps / timed_time if timed_steps else tokens_per_step / step_time
-        eta = (args.steps - step - 1) * (timed_time / timed_steps if timed_steps else step_time)
-        print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
-               f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
-        record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
-        if not finite:
-            skipped += 1
-            if skipped > args.skip_nonfinite:
-                where = (f"the last good checkpoint is {last_checkpoint}; resume from it" if last_checkpoint
-                         else "no checkpoint was written yet; start again")
-                failure = (f"step {step + 1}: loss {train_loss} or gradient norm {grad_norm} is not finite, so the "
-                           f"run stopped before updating the weights with it; {where} with a lower --lr, or with "
-                           f"--skip-nonfinite K to skip up to K such steps")
-                break
-            print0(f"step:{step + 1}/{args.steps} skipped: no update from a non-finite loss or gradient norm "
-                   f"({skipped} of --skip-nonfinite {args.skip_nonfinite})")
-
-        stop_signal = stop.agreed(device)
-        if stop_signal or step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0):
-            last_checkpoint = save_checkpoint(step + 1)
-        if stop_signal:
-            break
-    if dist.is_initialized():
-        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
-        # thread while holding the GIL that thread waits for, and the process never exits
-        del model
-        dist.destroy_process_group()
-    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
-        print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
-               + resume_command(last_checkpoint, world_size))
-        sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
-    stop.restore()
-    if failure:
-        raise FloatingPointError(failure)
-
-    on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
-    mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
-    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None
-    summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
-               "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
-               "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
-               "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels}
-    if len(val_loss_by_seq_len) > 1:
-        summary["val_loss_by_seq_len"] = val_loss_by_seq_len
-    if master:  # the data's fingerprints as their hashes alone; env.json has the shards too
-        summary["provenance"] = {key: value["sha256"] if key.endswith("_data") else value
-                                 for key, value in env["provenance"].items()}
-    if master:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
-    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
-           f"logs in {run_dir}")
-    return summary
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints
 # A checkpoint holds everything the next step depends on: weights, AdamW's moments and step counts, the data
 # stream's position, the RNG states and the config. So a resumed run computes the same losses as one that
@@ -1387,6 +1170,223 @@ def environment(device: torch.device, world_size: int) -> dict:
         except OSError:
             env["nvidia_smi"] = None
     return env
+
+
+# -----------------------------------------------------------------------------
+# Main: the training run
+
+
+def main(argv=None):
+    given = given_flags(argv)
+    checkpoint = None
+    if "resume" in given:  # the checkpoint's own config, with the flags given beside --resume
+        path = find_checkpoint(given["resume"])
+        checkpoint = load_checkpoint(path)
+        args = Hyperparameters(**{**checkpoint["config"], **given, "resume": path})  # config.json names the file
+    else:
+        args = Hyperparameters(**given)
+    # before the process group starts, which a bad flag (--dist-timeout 0) would break with a less clear error
+    grad_accum_steps = check_config(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, local_rank, world_size, device = setup_distributed(args.dist_timeout)
+    master = rank == 0
+    B, T = args.micro_batch_tokens // args.seq_len, args.seq_len
+    train_loader = DataLoader(find_shards(args.train_files, "train-files"), B, T, rank, world_size,
+                              args.vocab_size, device, seed=args.seed if args.data_seed < 0 else args.data_seed)
+    val_loader = DataLoader(find_shards(args.val_files, "val-files"), B, T, rank, world_size,
+                            args.vocab_size, device)
+    val_steps = args.val_tokens // (world_size * B * T)
+    if val_loader.tokens_per_epoch < args.val_tokens + 1:
+        raise ValueError(f"--val-files {args.val_files!r} holds {val_loader.tokens_per_epoch} tokens, fewer than "
+                         f"--val-tokens {args.val_tokens} + 1; lower --val-tokens")
+    train_shards = [[os.path.basename(f), n] for f, n in zip(train_loader.files, train_loader.shard_tokens)]
+    if checkpoint is not None:
+        resume_changes = check_resume(checkpoint, args, train_shards, world_size)
+    cfg = ModelConfig.from_args(args)
+    backend, backend_note = choose_attention_backend(args.attention_backend, cfg, device)
+    loss_kernel, loss_note = choose_loss(args.loss, device)
+    kernels = {"attention": backend, "loss": loss_kernel}
+
+    run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
+    if world_size > 1:  # every rank names the same checkpoint files in its messages
+        shared = [run_dir]
+        dist.broadcast_object_list(shared)
+        run_dir = shared[0]
+
+    def print0(msg: str):
+        if master:
+            print(msg, flush=True)
+            with open(os.path.join(run_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def record(**metrics):
+        if master:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    env = environment(device, world_size)
+    if master:
+        env["provenance"] = provenance(train_loader, val_loader)
+        with open(os.path.join(run_dir, "train_gpt.py"), "w") as f:
+            f.write(code)
+        shutil.copy(fa4_ops.__file__, run_dir)  # the FlashAttention-4 ops this file imports
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "kernels": kernels}, f, indent=2)
+        with open(os.path.join(run_dir, "env.json"), "w") as f:
+            json.dump(env, f, indent=2)
+    print0(f"run {run_dir}: world size {world_size}, device {device}, gradient accumulation {grad_accum_steps}")
+    for note in (backend_note, loss_note):
+        if note:
+            print0(note)
+    print0(f"kernels: attention {kernels['attention']}, loss {kernels['loss']}")
+
+    torch.manual_seed(args.seed)
+    raw_model = GPT(cfg, loss_kernel).to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = training_flops_per_token(cfg, n_params)
+    print0(f"parameters: {n_params:,}; training FLOPs per token: {flops_per_token / 1e9:.3f} G")
+    model = torch.compile(raw_model, dynamic=False) if args.compile and device.type == "cuda" else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    masks = raw_model.masks(T, device, backend)
+
+    optimizer = make_optimizer(raw_model, args)
+    start_step, train_time, skipped, last_checkpoint = 0, 0.0, 0, None
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, raw_model, optimizer, train_loader, device)
+        start_step, train_time = checkpoint["step"], checkpoint["train_time_s"]
+        skipped = checkpoint["nonfinite_skipped"]  # --skip-nonfinite counts over the whole run
+        last_checkpoint = args.resume
+        print0(f"resumed from {args.resume} at step {start_step}"
+               + (f"; changed: {', '.join(resume_changes)}" if resume_changes else ""))
+        if master:  # the run resumed from may have been killed while writing a checkpoint beside this one
+            for note in remove_partial_checkpoints(os.path.dirname(args.resume) or "."):
+                print0(note)
+        del checkpoint  # frees the CPU copy of weights and moments
+
+    def save_checkpoint(step: int) -> str:
+        """Rank 0 writes; every rank waits for it, so none exits (or is killed with the job) while it writes."""
+        path = checkpoint_path(run_dir, step)
+        if master:
+            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "data_position": train_loader.position, "data_order": DATA_ORDER, "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "config": dataclasses.asdict(args), "train_shards": train_shards, "world_size": world_size,
+                     "train_time_s": train_time, "nonfinite_skipped": skipped}
+            write_checkpoint(path, state, args.keep_checkpoints)
+            print0(f"checkpoint {path}")
+        if world_size > 1:
+            dist.barrier()
+        return path
+
+    # gate and sink statistics at each evaluation, on rank 0's first validation micro-batch, read once
+    probe_inputs = val_loader.first_batch() if master else None
+    # the first steps compile; they stay out of step time and tokens/s
+    timing_skip = start_step + min(5, args.steps - start_step - 1)
+    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
+    tokens_per_step = args.batch_tokens
+    stop, stop_signal, failure = StopSignals(), 0, None
+    for step in range(start_step, args.steps + 1):
+        last_step = step == args.steps
+        if last_step or (args.val_every > 0 and step % args.val_every == 0):
+            val_loss = evaluate(model, val_loader, val_steps, masks)
+            print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
+            probes = probe(raw_model, probe_inputs) if master else {}  # the other ranks wait at the next step
+            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
+        if last_step:
+            val_loss_by_seq_len = {str(T): val_loss}
+            for length in eval_seq_lens(args):  # the uncompiled model: each length would be a new compilation
+                loader = DataLoader(val_loader.files, args.micro_batch_tokens // length, length, rank, world_size,
+                                    args.vocab_size, device)
+                val_loss_by_seq_len[str(length)] = evaluate(raw_model, loader, val_steps,
+                                                            raw_model.masks(length, device, backend))
+                print0(f"step:{step}/{args.steps} val_loss:{val_loss_by_seq_len[str(length)]:.4f} seq_len:{length}")
+            if len(val_loss_by_seq_len) > 1:
+                record(step=step, val_loss_by_seq_len=val_loss_by_seq_len)
+            break
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loss = torch.zeros((), device=device)
+        for micro_step in range(grad_accum_steps):
+            inputs, targets = train_loader.next_batch()
+            if world_size > 1:
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast(device):
+                loss = model(inputs, targets, masks) / grad_accum_steps
+            loss.backward()
+            train_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        if world_size > 1:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss, grad_norm = train_loss.item(), grad_norm.item()  # the .item() also waits for the GPU
+        # checked before the update, which would spread a NaN to every weight; every rank sees the same averaged
+        # loss and, after DDP's all-reduce, the same gradients, so all decide alike
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        if step >= timing_skip:
+            timed_time, timed_steps = timed_time + step_time, timed_steps + 1
+        tokens_per_s = tokens_per_step * timed_steps / timed_time if timed_steps else tokens_per_step / step_time
+        eta = (args.steps - step - 1) * (timed_time / timed_steps if timed_steps else step_time)
+        print0(f"step:{step + 1}/{args.steps} loss:{train_loss:.4f} lr:{lr:.2e} grad_norm:{grad_norm:.3f} "
+               f"ms:{1000 * step_time:.1f} tok/s:{tokens_per_s:,.0f} eta:{eta / 60:.1f}min")
+        record(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, step_ms=1000 * step_time)
+        if not finite:
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                where = (f"the last good checkpoint is {last_checkpoint}; resume from it" if last_checkpoint
+                         else "no checkpoint was written yet; start again")
+                failure = (f"step {step + 1}: loss {train_loss} or gradient norm {grad_norm} is not finite, so the "
+                           f"run stopped before updating the weights with it; {where} with a lower --lr, or with "
+                           f"--skip-nonfinite K to skip up to K such steps")
+                break
+            print0(f"step:{step + 1}/{args.steps} skipped: no update from a non-finite loss or gradient norm "
+                   f"({skipped} of --skip-nonfinite {args.skip_nonfinite})")
+
+        stop_signal = stop.agreed(device)
+        if stop_signal or step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0):
+            last_checkpoint = save_checkpoint(step + 1)
+        if stop_signal:
+            break
+    if dist.is_initialized():
+        # DDP's reducer must go before its process group: freed after it, at return, it joins gloo's worker
+        # thread while holding the GIL that thread waits for, and the process never exits
+        del model
+        dist.destroy_process_group()
+    if stop_signal:  # the handlers stay: once one rank has exited, torchrun sends SIGTERM to those still here
+        print0(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}; resume with:\n"
+               + resume_command(last_checkpoint, world_size))
+        sys.exit(128 + stop_signal)  # the shell's code for death by this signal: the run is not finished
+    stop.restore()
+    if failure:
+        raise FloatingPointError(failure)
+
+    on_gpu = device.type == "cuda"  # --peak-tflops is a GPU's; on the CPU, MFU and memory are not reported
+    mfu = flops_per_token * tokens_per_s / (world_size * args.peak_tflops * 1e12) if on_gpu else None
+    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None
+    summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
+               "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
+               "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
+               "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels}
+    if len(val_loss_by_seq_len) > 1:
+        summary["val_loss_by_seq_len"] = val_loss_by_seq_len
+    if master:  # the data's fingerprints as their hashes alone; env.json has the shards too
+        summary["provenance"] = {key: value["sha256"] if key.endswith("_data") else value
+                                 for key, value in env["provenance"].items()}
+    if master:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
+    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
+           f"logs in {run_dir}")
+    return summary
 
 
 if __name__ == "__main__":
