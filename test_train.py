@@ -374,6 +374,7 @@ def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
     run_dir = only_run_dir(tmp_path)
     losses = summary["val_loss_by_seq_len"]
     assert list(losses) == ["128", "64", "512"] and losses["128"] == summary["val_loss"]
+    assert summary["wall_time_s"] > summary["train_time_s"] + summary["eval_time_s"] and summary["eval_time_s"] > 0
     assert read_metrics(run_dir)[-1]["val_loss_by_seq_len"] == losses
     with open(os.path.join(run_dir, "env.json")) as f:
         recorded = json.load(f)["provenance"]

@@ -1177,6 +1177,7 @@ def environment(device: torch.device, world_size: int) -> dict:
 
 
 def main(argv=None):
+    started = time.perf_counter()
     given = given_flags(argv)
     checkpoint = None
     if "resume" in given:  # the checkpoint's own config, with the flags given beside --resume
@@ -1282,11 +1283,12 @@ def main(argv=None):
     probe_inputs = val_loader.first_batch() if master else None
     # the first steps compile; they stay out of step time and tokens/s
     timing_skip = start_step + min(5, args.steps - start_step - 1)
-    timed_time, timed_steps, val_loss, tokens_per_s = 0.0, 0, float("nan"), float("nan")
+    timed_time, timed_steps, val_loss, tokens_per_s, eval_time = 0.0, 0, float("nan"), float("nan"), 0.0
     tokens_per_step = args.batch_tokens
     stop, stop_signal, failure = StopSignals(), 0, None
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
+        eval_started = time.perf_counter()
         if last_step or (args.val_every > 0 and step % args.val_every == 0):
             val_loss = evaluate(model, val_loader, val_steps, masks)
             print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
@@ -1302,6 +1304,8 @@ def main(argv=None):
                 print0(f"step:{step}/{args.steps} val_loss:{val_loss_by_seq_len[str(length)]:.4f} seq_len:{length}")
             if len(val_loss_by_seq_len) > 1:
                 record(step=step, val_loss_by_seq_len=val_loss_by_seq_len)
+        eval_time += time.perf_counter() - eval_started
+        if last_step:
             break
 
         if device.type == "cuda":
@@ -1374,7 +1378,8 @@ def main(argv=None):
     summary = {"val_loss": val_loss, "train_time_s": train_time, "tokens": args.steps * tokens_per_step,
                "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_gb": peak_mem_gb, "params": n_params,
                "window": args.window, "gate": args.gate, "run_name": args.run_name, "seed": args.seed,
-               "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels}
+               "lr": args.lr, "device": env["device"], "world_size": world_size, "kernels": kernels,
+               "eval_time_s": eval_time, "wall_time_s": time.perf_counter() - started}
     if len(val_loss_by_seq_len) > 1:
         summary["val_loss_by_seq_len"] = val_loss_by_seq_len
     if master:  # the data's fingerprints as their hashes alone; env.json has the shards too
@@ -1384,8 +1389,8 @@ def main(argv=None):
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     gpu_figures = f", MFU {100 * mfu:.1f}%, peak memory {peak_mem_gb:.1f} GB" if on_gpu else ""
-    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s; "
-           f"logs in {run_dir}")
+    print0(f"done: val_loss {val_loss:.4f}, {tokens_per_s:,.0f} tokens/s{gpu_figures}, train time {train_time:.1f}s "
+           f"of {summary['wall_time_s']:.1f}s (evaluation {eval_time:.1f}s); logs in {run_dir}")
     return summary
 
 
