@@ -200,8 +200,8 @@ STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=W
 
 
 def build_step(args: tg.Hyperparameters, backend: str, device):
-    """One training step as train_gpt.py's loop runs it (with --loss, default auto), with one micro-step."""
-    raw_model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss(args.loss, device)[0]).to(device)
+    """One training step as train_gpt.py's loop runs it (with its --loss), with one micro-step."""
+    raw_model = tg.GPT(tg.ModelConfig.from_args(args), tg.check_loss(args.loss, device)).to(device)
     model = torch.compile(raw_model, dynamic=False)
     optimizer = tg.make_optimizer(raw_model, args)
     masks = raw_model.masks(args.seq_len, device, backend)
@@ -294,7 +294,8 @@ def main():
                                                          "1024,4096,8192,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--backends", default="flex,fa4", help="attention backends to time, comma-separated")
-    parser.add_argument("--loss", default="auto", help="the step table's loss: auto, plain or fused (train_gpt.py's)")
+    parser.add_argument("--loss", default=tg.Hyperparameters.loss, help="the step table's loss: plain or fused "
+                                                                        "(train_gpt.py's --loss)")
     parser.add_argument("--presets", default="baseline,window,gated",
                         help="step table rows, comma-separated: PRESET (every backend) or BACKEND:PRESET")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)

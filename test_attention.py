@@ -138,12 +138,13 @@ def test_attention_backend_flag_checks():
 
 
 def test_loss_flag_checks():
-    with pytest.raises(ValueError, match="--loss 'liger': use one of auto, plain, fused"):
-        tg.check_config(tg.parse_args(["--loss", "liger"]), world_size=1)
+    """plain is the default (the faster loss); fused is asked for by name, and refused where it cannot run."""
+    assert tg.Hyperparameters().loss == "plain" and tg.check_loss("plain", CPU) == "plain"
+    for bad in ("liger", "auto"):
+        with pytest.raises(ValueError, match=f"--loss '{bad}': use one of plain, fused"):
+            tg.check_config(tg.parse_args(["--loss", bad]), world_size=1)
     with pytest.raises(ValueError, match="--loss fused cannot run here: the device is the CPU"):
-        tg.choose_loss("fused", CPU)
-    for requested in ("auto", "plain"):
-        assert tg.choose_loss(requested, CPU) == ("plain", "")
+        tg.check_loss("fused", CPU)
 
 
 # --- attention paths against the reference -------------------------------------------------------
@@ -542,7 +543,7 @@ def test_gpu_compiled_default_model_fa4_equals_flex():
     device = torch.device("cuda")
     args = tg.Hyperparameters(window=256, gate="head")
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_args(args), tg.choose_loss("auto", device)[0]).to(device)
+    model = tg.GPT(tg.ModelConfig.from_args(args)).to(device)
     with torch.no_grad():  # trained-like gates
         for block in model.blocks:
             block.attn.gate.weight.normal_(std=0.05)

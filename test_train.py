@@ -108,7 +108,7 @@ def test_help_shows_every_flags_comment_default_and_accepted_values(capsys):
         assert docs[field.name][1], f"{field.name} has no comment for --help"
         assert "".join(docs[field.name][1].split()) in text, field.name
     for expected in ("--batch-tokensBATCH_TOKENStokensperoptimizerstep,overallGPUsandaccumulationsteps(default:524288)",
-                     "--gate" + "|".join(tg.GATES), "--attention-backendauto|flex|fa4", "--lossauto|plain|fused",
+                     "--gate" + "|".join(tg.GATES), "--attention-backendauto|flex|fa4", "--lossplain|fused",
                      "--compiletrue|falsetorch.compilethemodel(CUDAonly)(default:true)",
                      "--dist-timeoutDIST_TIMEOUTseconds(default:900)", "distributed:arankthatwaitslonger"):
         assert expected in text
