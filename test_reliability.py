@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -454,7 +455,18 @@ def damaged_copy(tmp_path):
     return str(path)
 
 
+def foreign_shard(tmp_path):
+    """A shard that another tokenizer made: one id past the vocabulary, deep in it."""
+    path = tmp_path / "other_train_000001.bin"
+    tokens = np.full(300_000, 50256)
+    tokens[123_456] = 60_000
+    tg.write_shard(str(path), tokens)
+    return str(path)
+
+
 @pytest.mark.parametrize("bad, message", [
+    (lambda d: ["--train-files", foreign_shard(d)],
+     r"other_train_000001.bin: token id 60000 at position 123456 is >= the vocabulary size 50304"),
     (lambda d: ["--train-files", str(d / "none_*.bin")],
      r"--train-files '.*none_\*.bin' matches no files; .*data/fineweb.py"),
     (lambda d: ["--val-files", str(d / "none_*.bin")], r"--val-files '.*none_\*.bin' matches no files"),
