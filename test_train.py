@@ -408,8 +408,8 @@ def test_provenance_names_the_commit_the_code_and_the_data(tmp_path):
     head = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True)
     assert found["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert found["git_dirty"] in ((True, False) if head.returncode == 0 else (None,))
-    with open(os.path.join(HERE, "train_gpt.py"), "rb") as f:
-        assert found["code_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(HERE, "train_gpt.py"), "rb") as f, open(os.path.join(HERE, "fa4_ops.py"), "rb") as g:
+        assert found["code_sha256"] == hashlib.sha256(f.read() + g.read()).hexdigest()
     tokens = np.arange(5000, dtype=np.uint16).tobytes()
     assert found["train_data"] == {"shards": [["t_train_000000.bin", 3000], ["t_train_000001.bin", 2000]],
                                    "sha256": hashlib.sha256(tokens).hexdigest()}

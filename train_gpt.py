@@ -1127,9 +1127,15 @@ def make_run_dir(log_dir: str, run_name: str) -> str:
     raise RuntimeError(f"could not create a new run directory under {log_dir}")
 
 
+def code_sha256() -> str:
+    """The sha256 of the code a run runs: this file's source, then fa4_ops.py's (the two files a run directory keeps)."""
+    with open(fa4_ops.__file__, "rb") as f:
+        return hashlib.sha256(code.encode() + f.read()).hexdigest()
+
+
 def provenance(train_loader: DataLoader, val_loader: DataLoader) -> dict:
     """What the run ran on: the project's git commit and whether its tracked files had uncommitted changes (None
-    where the code is not in a git checkout), this file's sha256 (the code itself, also where git is not), and a
+    where the code is not in a git checkout), the code's sha256 (code_sha256: also where git is not), and a
     fingerprint of each data split: its shards' names and token counts and a sha256 of all their tokens."""
     here = os.path.dirname(os.path.abspath(__file__))
 
@@ -1150,7 +1156,7 @@ def provenance(train_loader: DataLoader, val_loader: DataLoader) -> dict:
 
     commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": None if commit is None or status is None else bool(status),
-            "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
+            "code_sha256": code_sha256(),
             "train_data": fingerprint(train_loader), "val_data": fingerprint(val_loader)}
 
 
