@@ -606,8 +606,8 @@ def test_study_starts_afresh_beside_an_unfinished_run_of_other_flags(tmp_path, m
     (["--steps", "x"], "run baseline, seed 0: train_gpt.py refuses the flags: argument --steps: invalid int value: "
                        "'x'"),
     (["--nope", "1"], "run baseline, seed 0: train_gpt.py refuses the flags: unrecognized arguments: --nope 1"),
-    (["--arms", "gated,mix", "--seq-len", "128"], "run mix, seed 0: bad configuration: --gate mix mixes a window with "
-                                                  "full attention: give it a --window between 1 and --seq-len 128"),
+    (["--arms", "gated,mix", "--seq-len", "128"], "run gated, seed 0: bad configuration: --window 256: a window of "
+                                                  "--seq-len 128 tokens or more is full causal attention"),
 ])
 def test_study_refuses_bad_arguments_before_any_run(tmp_path, monkeypatch, capsys, args, message):
     trainer, flags = fake_study(tmp_path, {})
