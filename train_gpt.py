@@ -70,7 +70,8 @@ class ModelConfig:
     # attention: which keys a query sees (sliding_window_mask) and how each head's output is gated (Gate)
     window: int = 0  # tokens each query sees, itself included; 0 = full causal
     gate: str = "none"  # "none"; "head": a sigmoid gate per head and token on the attention output; the head gate's
-    # variants "channel", "head-nobias" and "head-open" (Gate)
+    # variants "channel", "head-nobias" and "head-open"; the controls "const" (x 0.5) and "scalar" (one learned g per
+    # head, whatever the token) (Gate)
     mix_full: bool = False  # the gate g mixes each head's windowed attention (g) with its full causal attention
     # (1 - g) instead of scaling it: a second attention pass, the paper's other reading; needs --window and --gate
 
@@ -101,6 +102,7 @@ class Hyperparameters(ModelConfig):
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     seed: int = 0  # the initial weights, and the data order unless --data-seed is given
     data_seed: int = -1  # the order in which training reads its windows (DataLoader); -1 = --seed
+
     # speed: the same model and training on every choice
     attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
     # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
