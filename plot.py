@@ -48,14 +48,18 @@ def load_run(run_dir):
 
 
 def load_runs(paths):
-    """Each path is a run directory (it holds metrics.jsonl) or a directory of them."""
-    runs = []
+    """Each path is a run directory (it holds metrics.jsonl) or a directory with runs at any depth, such as a study's
+    folder (<arm>-lr<lr>-seed<seed>/<run directory>); a run found twice counts once."""
+    runs, seen = [], set()
     for path in paths:
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such directory")
-        inside = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(path, "*", "metrics.jsonl")))
-        has_own = os.path.exists(os.path.join(path, "metrics.jsonl"))
-        runs += [load_run(run_dir) for run_dir in ([path] if has_own or not inside else inside)]
+        found = glob.glob(os.path.join(path, "**", "metrics.jsonl"), recursive=True)
+        inside = sorted(os.path.dirname(f) for f in found)
+        for run_dir in inside or [path]:  # a path with no run in it goes to load_run, which says what it lacks
+            if os.path.realpath(run_dir) not in seen:
+                seen.add(os.path.realpath(run_dir))
+                runs.append(load_run(run_dir))
     labels = [run["label"] for run in runs]
     for run in runs:  # two runs with one name, seed and lr would be told apart only by colour
         if labels.count(run["label"]) > 1:

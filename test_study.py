@@ -281,6 +281,26 @@ def write_metrics_run(parent, name, window, gate, steps=60, val_every=10):
     return run_dir
 
 
+def write_finished_run(study_dir, name, lr, seed, val_loss, window=0, gate="none", n_layer=2, **summary):
+    """A finished run where study.py puts it, <study_dir>/<arm>-lr<lr>-seed<seed>/<name>-0/: config.json, a short
+    metrics.jsonl and summary.json (summary: write_summary's keywords, such as tokens, params, val_loss_by_seq_len)."""
+    run_dir = write_summary(os.path.join(study_dir, f"{name}-lr{lr:g}-seed{seed}"), f"{name}-0", name, val_loss, seed,
+                            window=window, gate=gate, lr=lr, **summary)
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": name, "seed": seed, "lr": lr, "window": window,
+                                                      "gate": gate, "batch_tokens": 2048, "n_layer": n_layer})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "train_loss": val_loss + 1}) + "\n")
+        f.write(json.dumps({"step": 1, "val_loss": val_loss}) + "\n")
+    return run_dir
+
+
+def test_plot_reads_a_study_folder_at_any_depth(tmp_path):
+    baseline = write_finished_run(tmp_path / "study", "baseline", 1e-3, 0, 5.0)
+    gated = write_finished_run(tmp_path / "study", "gated", 1e-3, 0, 4.9, window=256, gate="head")
+    runs = plot.load_runs([str(tmp_path / "study"), baseline])  # the baseline found twice counts once
+    assert sorted(run["dir"] for run in runs) == [baseline, gated]
+
+
 def test_plot_writes_figures_and_gate_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import matplotlib.image
