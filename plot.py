@@ -16,9 +16,12 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
+
+import compare
 
 MAX_GATE_PANELS = 6  # more heatmaps in one row become too small to read
 
@@ -42,9 +45,13 @@ def load_run(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    return {"dir": run_dir, "config": config,
-            "label": f"{config['run_name']} seed {config['seed']} lr {config['lr']:g}",
-            "train": [r for r in records if "train_loss" in r], "evals": [r for r in records if "val_loss" in r]}
+    run = {"dir": run_dir, "config": config,
+           "label": f"{config['run_name']} seed {config['seed']} lr {config['lr']:g}",
+           "train": [r for r in records if "train_loss" in r], "evals": [r for r in records if "val_loss" in r]}
+    summary_file = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_file):  # finished: its final losses go into the figures of finished runs
+        run["summary"] = compare.load_run(summary_file)
+    return run
 
 
 def load_runs(paths):
@@ -150,6 +157,67 @@ def plot_sinks(plt, runs, file):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# Figures of finished runs, from their summary.json as compare.py reads it (compare.load_run): its rows, a run name,
+# window, gate and learning rate, with the seeds as what is averaged (compare.group_runs). An arm is a row without
+# its learning rate.
+
+
+def arm(summary):
+    return summary["run_name"], summary["window"], summary["gate"]
+
+
+def arm_label(key):
+    name, window, gate = key[:3]
+    return f"{name} ({f'window {window}' if window else 'full'}, gate {gate})"
+
+
+def spread(values):
+    return statistics.mean(values), min(values), max(values)
+
+
+def mixed_budget(summaries) -> str:
+    """What makes one arm's runs unlike (their tokens or params differ), else "": a curve of such runs would mix
+    budgets or sizes under one name."""
+    for key in ("tokens", "params"):
+        values = {}
+        for r in summaries:
+            values.setdefault(arm(r), set()).update([r[key]] if key in r else [])
+        for name, found in values.items():
+            if len(found) > 1:
+                return f"the {name[0]} runs differ in {key} ({', '.join(f'{v:,}' for v in sorted(found))})"
+    return ""
+
+
+def lr_curves(summaries):
+    """Final val loss against learning rate, per arm: {arm: [(lr, mean, min, max) over its seeds, by rising lr]}."""
+    curves = {}
+    for key, members in compare.group_runs(summaries).items():
+        curves.setdefault(key[:3], []).append((key[3], *spread([r["val_loss"] for r in members])))
+    return {key: sorted(points) for key, points in curves.items()}
+
+
+def plot_lr(plt, curves, file):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    for i, (key, points) in enumerate(curves.items()):
+        lrs, means, lows, highs = (np.array(values) for values in zip(*points))
+        ax.errorbar(lrs, means, yerr=[means - lows, highs - means], color=f"C{i}", marker="o", capsize=3,
+                    label=arm_label(key))
+        best = min(points, key=lambda point: point[1])
+        ax.plot(best[0], best[1], color=f"C{i}", marker="*", markersize=16, linestyle="none")
+    rates = sorted({point[0] for points in curves.values() for point in points})
+    ax.set_xscale("log")
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+    ax.minorticks_off()  # the log axis's own minor ticks would sit between the rates and label nothing
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final val loss")
+    ax.set_title("final val loss against learning rate\nmean over seeds, bars min–max, star: each arm's best rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def gate_table(run) -> str:
     """Per layer at the last evaluation: the gate's mean, its range over heads, and how often it is nearly shut or open."""
     last = gated(run)[-1]
@@ -161,6 +229,19 @@ def gate_table(run) -> str:
                      f"{gates['std'][layer].mean():.3f} | {100 * gates['below_0.1'][layer].mean():.1f}% | "
                      f"{100 * gates['above_0.9'][layer].mean():.1f}% |")
     return "\n".join(lines)
+
+
+def summary_figures(summaries):
+    """The figures of finished runs that these runs have what they need for, as {file name: draw(plt, file)}."""
+    figures = {}
+    unlike = mixed_budget(summaries)
+    if unlike:
+        print(f"lr.png not drawn: {unlike}; pass the runs of one training budget and model size", file=sys.stderr)
+        return figures
+    curves = lr_curves(summaries)
+    if any(len(points) > 1 for points in curves.values()):  # one rate per arm is no curve
+        figures["lr.png"] = lambda plt, file: plot_lr(plt, curves, file)
+    return figures
 
 
 def main(argv=None):
@@ -182,6 +263,10 @@ def main(argv=None):
             print(f"{run['dir']}: no attention sinks in its evaluations, so it is not in sinks.png", file=sys.stderr)
     if sink_runs:
         figures["sinks.png"] = lambda plt, file: plot_sinks(plt, sink_runs, file)
+    try:
+        figures.update(summary_figures([run["summary"] for run in runs if "summary" in run]))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         sys.exit(f"error: --out {args.out} is a file, not a folder; pass a folder for the figures")
     existing = [name for name in figures if os.path.exists(os.path.join(args.out, name))]

@@ -301,6 +301,40 @@ def test_plot_reads_a_study_folder_at_any_depth(tmp_path):
     assert sorted(run["dir"] for run in runs) == [baseline, gated]
 
 
+def learning_rate_study(study_dir, tokens=1_000_000):
+    """baseline at lr 1e-3 (seeds 0, 1, 2) and 2e-3 (seed 0); gated at 1e-3 and 2e-3 (seeds 0, 1)."""
+    for lr, losses in ((1e-3, [5.0, 5.2, 5.1]), (2e-3, [4.9])):
+        for seed, loss in enumerate(losses):
+            write_finished_run(study_dir, "baseline", lr, seed, loss, tokens=tokens)
+    for lr, losses in ((1e-3, [4.8, 4.6]), (2e-3, [4.7, 4.9])):
+        for seed, loss in enumerate(losses):
+            write_finished_run(study_dir, "gated", lr, seed, loss, window=256, gate="head", tokens=tokens)
+    return str(study_dir)
+
+
+def finished(*paths):
+    return [run["summary"] for run in plot.load_runs(paths) if "summary" in run]
+
+
+def test_plot_lr_curves_mean_and_range_over_seeds(tmp_path):
+    curves = plot.lr_curves(finished(learning_rate_study(tmp_path)))
+    assert list(curves) == [("baseline", 0, "none"), ("gated", 256, "head")]
+    assert curves["baseline", 0, "none"] == [pytest.approx((1e-3, 5.1, 5.0, 5.2)), pytest.approx((2e-3, 4.9, 4.9, 4.9))]
+    assert curves["gated", 256, "head"] == [pytest.approx((1e-3, 4.7, 4.6, 4.8)), pytest.approx((2e-3, 4.8, 4.7, 4.9))]
+
+
+def test_plot_lr_figure_only_for_runs_of_one_budget(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    study_dir = learning_rate_study(tmp_path / "study")
+    plot.main([study_dir, "--out", str(tmp_path / "figures")])
+    assert "lr.png" in os.listdir(tmp_path / "figures")
+    write_finished_run(tmp_path / "longer", "gated", 1e-3, 0, 4.5, window=256, gate="head", tokens=2_000_000)
+    plot.main([study_dir, str(tmp_path / "longer"), "--out", str(tmp_path / "mixed")])
+    assert "lr.png" not in os.listdir(tmp_path / "mixed")
+    assert ("lr.png not drawn: the gated runs differ in tokens (1,000,000, 2,000,000); pass the runs of one training "
+            "budget and model size") in capsys.readouterr().err
+
+
 def test_plot_writes_figures_and_gate_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import matplotlib.image
