@@ -218,6 +218,40 @@ def plot_lr(plt, curves, file):
     plt.close(fig)
 
 
+def length_curves(summaries):
+    """Val loss against evaluation length (summary.json's val_loss_by_seq_len, --eval-seq-lens), per row whose runs
+    have it: {(run name, window, gate, lr): [(length, mean, min, max, n) by rising length]}, over the n of its runs
+    evaluated at that length."""
+    curves = {}
+    for key, members in compare.group_runs(summaries).items():
+        by_length = {}
+        for r in members:
+            for length, loss in r.get("val_loss_by_seq_len", {}).items():
+                by_length.setdefault(int(length), []).append(loss)
+        if by_length:
+            curves[key] = [(length, *spread(losses), len(losses)) for length, losses in sorted(by_length.items())]
+    return curves
+
+
+def plot_lengths(plt, curves, file):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    for i, (key, points) in enumerate(curves.items()):
+        lengths, means, lows, highs, _ = (np.array(values) for values in zip(*points))
+        ax.errorbar(lengths, means, yerr=[means - lows, highs - means], color=f"C{i}", marker="o", capsize=3,
+                    label=f"{arm_label(key)} lr {key[3]:g}")
+    lengths = sorted({point[0] for points in curves.values() for point in points})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("evaluation sequence length (tokens)")
+    ax.set_ylabel("val loss")
+    ax.set_title("val loss against evaluation length\nmean over seeds, bars min–max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def gate_table(run) -> str:
     """Per layer at the last evaluation: the gate's mean, its range over heads, and how often it is nearly shut or open."""
     last = gated(run)[-1]
@@ -233,14 +267,28 @@ def gate_table(run) -> str:
 
 def summary_figures(summaries):
     """The figures of finished runs that these runs have what they need for, as {file name: draw(plt, file)}."""
-    figures = {}
+    rates = {}
+    for r in summaries:
+        rates.setdefault(arm(r), set()).add(r["lr"])
+    wanted = ["lr.png"] if any(len(found) > 1 for found in rates.values()) else []  # one rate per arm is no curve
+    wanted += ["lengths.png"] if any("val_loss_by_seq_len" in r for r in summaries) else []
     unlike = mixed_budget(summaries)
-    if unlike:
-        print(f"lr.png not drawn: {unlike}; pass the runs of one training budget and model size", file=sys.stderr)
-        return figures
-    curves = lr_curves(summaries)
-    if any(len(points) > 1 for points in curves.values()):  # one rate per arm is no curve
-        figures["lr.png"] = lambda plt, file: plot_lr(plt, curves, file)
+    if wanted and unlike:
+        print(f"{' and '.join(wanted)} not drawn: {unlike}; pass the runs of one training budget and model size",
+              file=sys.stderr)
+        return {}
+    figures = {}
+    if "lr.png" in wanted:
+        rate_curves = lr_curves(summaries)
+        figures["lr.png"] = lambda plt, file: plot_lr(plt, rate_curves, file)
+    if "lengths.png" in wanted:
+        curves = length_curves(summaries)
+        for key, points in curves.items():
+            if len({point[4] for point in points}) > 1:  # then its mean at one length is over other runs than at another
+                counts = ", ".join(f"{point[4]} at {point[0]}" for point in points)
+                print(f"lengths.png: {arm_label(key)} lr {key[3]:g} has runs at some lengths only ({counts})",
+                      file=sys.stderr)
+        figures["lengths.png"] = lambda plt, file: plot_lengths(plt, curves, file)
     return figures
 
 

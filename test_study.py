@@ -335,6 +335,30 @@ def test_plot_lr_figure_only_for_runs_of_one_budget(tmp_path, capsys):
             "budget and model size") in capsys.readouterr().err
 
 
+def test_plot_length_curves_per_row_and_the_runs_behind_each_point(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    study_dir = tmp_path / "study"
+    for seed, losses in enumerate([(5.0, 5.4, 6.0), (5.2, 5.6, 6.4)]):
+        write_finished_run(study_dir, "baseline", 1e-3, seed, losses[0],
+                           val_loss_by_seq_len=dict(zip(("1024", "2048", "4096"), losses)))
+    for seed, losses in enumerate([(4.8, 4.8, 4.9), (4.6, 4.7, 4.7), (4.7, 4.6)]):  # seed 2 stopped short of 8192
+        write_finished_run(study_dir, "gated", 1e-3, seed, losses[0], window=256, gate="head",
+                           val_loss_by_seq_len=dict(zip(("1024", "2048", "8192"), losses)))
+    write_finished_run(study_dir, "window", 1e-3, 0, 4.9, window=256)  # evaluated at its training length only
+    curves = plot.length_curves(finished(str(study_dir)))
+    assert list(curves) == [("baseline", 0, "none", 1e-3), ("gated", 256, "head", 1e-3)]
+    assert curves["baseline", 0, "none", 1e-3] == [pytest.approx((1024, 5.1, 5.0, 5.2, 2)),
+                                                  pytest.approx((2048, 5.5, 5.4, 5.6, 2)),
+                                                  pytest.approx((4096, 6.2, 6.0, 6.4, 2))]
+    assert curves["gated", 256, "head", 1e-3] == [pytest.approx((1024, 4.7, 4.6, 4.8, 3)),
+                                                 pytest.approx((2048, 4.7, 4.6, 4.8, 3)),
+                                                 pytest.approx((8192, 4.8, 4.7, 4.9, 2))]
+    plot.main([str(study_dir), "--out", str(tmp_path / "figures")])
+    assert "lengths.png" in os.listdir(tmp_path / "figures") and "lr.png" not in os.listdir(tmp_path / "figures")
+    assert ("lengths.png: gated (window 256, gate head) lr 0.001 has runs at some lengths only (3 at 1024, 3 at 2048, "
+            "2 at 8192)") in capsys.readouterr().err
+
+
 def test_plot_writes_figures_and_gate_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import matplotlib.image
