@@ -13,8 +13,10 @@ Writes into --out (made if missing; files already there are never overwritten):
 It also prints, for each gated run's last evaluation, a markdown table of its gates per layer.
 """
 import argparse
+import collections
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,6 +26,10 @@ import numpy as np
 import compare
 
 MAX_GATE_PANELS = 6  # more heatmaps in one row become too small to read
+# The config.json fields that set a model's size (train_gpt.py's ModelConfig, its shape): runs that agree on them are
+# one size for gap.png, whatever their arm, since a gate adds parameters and so two arms of one size differ in params.
+SIZE_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "mlp_hidden")
+GAP_X = ("tokens", "params")
 
 
 def read_jsonl(file):
@@ -51,6 +57,7 @@ def load_run(run_dir):
     summary_file = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_file):  # finished: its final losses go into the figures of finished runs
         run["summary"] = compare.load_run(summary_file)
+        run["summary"]["size"] = tuple(config.get(field) for field in SIZE_FIELDS)
     return run
 
 
@@ -252,6 +259,120 @@ def plot_lengths(plt, curves, file):
     plt.close(fig)
 
 
+# A point of gap.png at one x: A's val loss minus B's, mean over the seeds both have (n), with its 95% interval (low,
+# high; None from one seed); rates: the learning rates of A and B used there; choices: how many each had at that x.
+GapPoint = collections.namedtuple("GapPoint", "x mean low high n rates choices")
+
+
+def side_label(side):
+    name, lr = side
+    return name if lr is None else f"{name}@{lr:g}"
+
+
+def parse_gap(text, summaries):
+    """--gap A:B as two (run name, lr) sides, lr None for the arm's best rate at each x (NAME@LR: that rate only)."""
+    first, colon, second = text.partition(":")
+    if not colon or not first or not second:
+        raise ValueError(f"--gap {text}: expected A:B, e.g. gated:baseline")
+    arms = {}
+    for r in summaries:
+        arms.setdefault(r["run_name"], set()).add((r["window"], r["gate"]))
+    sides = []
+    for side in (first, second):
+        name, at, lr = side.partition("@")
+        if name not in arms:
+            raise ValueError(f"--gap {text}: no row {name!r}; the rows are {', '.join(arms)} (NAME, or NAME@LR for "
+                             f"one learning rate)")
+        if len(arms[name]) > 1:  # its best rate could then be another arm's
+            kinds = ", ".join(f"window {window} gate {gate}" for window, gate in sorted(arms[name]))
+            raise ValueError(f"--gap {text}: the runs named {name!r} are of several arms ({kinds}); give each arm "
+                             f"its own --run-name")
+        rate = None
+        if at:
+            rates = sorted({r["lr"] for r in summaries if r["run_name"] == name})
+            try:
+                rate = float(lr)
+            except ValueError:
+                raise ValueError(f"--gap {text}: {lr!r} is not a learning rate; write NAME@LR, e.g. {name}@"
+                                 f"{rates[0]:g}") from None
+            if rate not in rates:
+                raise ValueError(f"--gap {text}: {name} has no runs at lr {lr}; its rates are "
+                                 f"{', '.join(f'{r:g}' for r in rates)}")
+        sides.append((name, rate))
+    return sides
+
+
+def gap_points(summaries, pair, x):
+    """A's val loss minus B's (pair: parse_gap's sides), paired by seed, at each value of x: "tokens", or "params"
+    (runs of one size, SIZE_FIELDS, placed at B's parameter count). Where a side has runs at several rates at one x,
+    its best there (lowest mean val loss over its seeds) stands for it. Returns the GapPoints by rising x, and a line
+    for each x left out."""
+    other = "params" if x == "tokens" else "tokens"
+    by_x = {}
+    for r in summaries:
+        if x not in r:
+            raise ValueError(f"--gap-x {x}: {r['run_dir']}/summary.json has no {x}, which gap.png needs; leave that "
+                             f"run out")
+        by_x.setdefault(r[x] if x == "tokens" else r["size"], []).append(r)
+    points, left_out = [], []
+    for key, members in by_x.items():
+        some = members[0]
+        where = f"{key:,} tokens" if x == "tokens" else f"{some['run_name']}'s size of {some['params']:,} parameters"
+        sides = [[r for r in members if r["run_name"] == name and lr in (None, r["lr"])] for name, lr in pair]
+        missing = [side_label(side) for side, runs in zip(pair, sides) if not runs]
+        if missing:
+            left_out.append(f"at {where}: no {' or '.join(missing)} runs")
+            continue
+        for runs in sides:  # at one x, runs must differ only in x's property, or a "best rate" compares unlike runs
+            values = sorted({r[other] for r in runs if other in r})
+            if len(values) > 1:
+                raise ValueError(f"--gap-x {x}: at {where}, the {runs[0]['run_name']} runs differ in {other} "
+                                 f"({', '.join(f'{v:,}' for v in values)}); pass runs that differ only in {x}")
+        groups = [compare.group_runs(runs) for runs in sides]
+        best = [min(rows, key=lambda row: statistics.mean(r["val_loss"] for r in rows[row])) for rows in groups]
+        losses = [{(r["seed"], r["data_seed"]): r["val_loss"] for r in rows[row]} for rows, row in zip(groups, best)]
+        seeds = [seed for seed in losses[0] if seed in losses[1]]
+        if not seeds:
+            left_out.append(f"at {where}: {' and '.join(map(side_label, pair))} have no seed in common")
+            continue
+        differences = [losses[0][seed] - losses[1][seed] for seed in seeds]
+        mean, low, high = statistics.mean(differences), None, None
+        if len(seeds) > 1:  # Student t on the differences, as compare.py's paired table
+            half = compare.t_quantile(0.975, len(seeds) - 1) * statistics.stdev(differences) / math.sqrt(len(seeds))
+            low, high = mean - half, mean + half
+        position = key if x == "tokens" else groups[1][best[1]][0]["params"]
+        points.append(GapPoint(position, mean, low, high, len(seeds), (best[0][3], best[1][3]),
+                               (len(groups[0]), len(groups[1]))))
+    return sorted(points), left_out
+
+
+def plot_gap(plt, points, pair, x, file):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.plot([p.x for p in points], [p.mean for p in points], color="C0", marker="o")
+    spans = [p for p in points if p.low is not None]
+    if spans:
+        ax.errorbar([p.x for p in spans], [p.mean for p in spans], color="C0", linestyle="none", capsize=4,
+                    yerr=[[p.mean - p.low for p in spans], [p.high - p.mean for p in spans]])
+    for p in points:
+        ax.annotate(f"{p.n} seed{'s' if p.n > 1 else ''}", (p.x, p.mean), textcoords="offset points", xytext=(6, 6),
+                    fontsize="small")
+    ax.set_xscale("log")
+    ax.margins(x=0.1)  # room for the last point's label
+    ax.set_xticks([p.x for p in points], [f"{p.x:,}" for p in points])
+    ax.minorticks_off()
+    a, b = map(side_label, pair)
+    ax.set_xlabel("training tokens" if x == "tokens" else f"parameters (of {b})")
+    ax.set_ylabel(f"val loss, {a} − {b}")
+    title = f"{a} − {b}, paired by seed: mean, bars 95% t interval (none from one seed)"
+    if any(max(p.choices) > 1 for p in points):
+        title += "\neach arm at its best learning rate at each x (lowest mean val loss)"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def gate_table(run) -> str:
     """Per layer at the last evaluation: the gate's mean, its range over heads, and how often it is nearly shut or open."""
     last = gated(run)[-1]
@@ -263,6 +384,24 @@ def gate_table(run) -> str:
                      f"{gates['std'][layer].mean():.3f} | {100 * gates['below_0.1'][layer].mean():.1f}% | "
                      f"{100 * gates['above_0.9'][layer].mean():.1f}% |")
     return "\n".join(lines)
+
+
+def gap_figure(summaries, text, x):
+    """gap.png of --gap text against --gap-x x, with a line for each x it leaves out and each best rate it picks."""
+    if not summaries:
+        raise ValueError(f"--gap {text}: none of the runs given has finished (no summary.json)")
+    pair = parse_gap(text, summaries)
+    points, left_out = gap_points(summaries, pair, x)
+    if not points:
+        raise ValueError(f"--gap {text}: no {x} value at which both have runs of one seed ({'; '.join(left_out)})")
+    for line in left_out:
+        print(f"gap.png has no point {line}", file=sys.stderr)
+    for p in points:
+        if max(p.choices) > 1:
+            where = f"{p.x:,} {'tokens' if x == 'tokens' else 'parameters'}"
+            print(f"gap.png at {where}: " + ", ".join(f"{name} at lr {lr:g} (best of {count})" for (name, _), lr, count
+                                                        in zip(pair, p.rates, p.choices)))
+    return {"gap.png": lambda plt, file: plot_gap(plt, points, pair, x, file)}
 
 
 def summary_figures(summaries):
@@ -284,7 +423,7 @@ def summary_figures(summaries):
     if "lengths.png" in wanted:
         curves = length_curves(summaries)
         for key, points in curves.items():
-            if len({point[4] for point in points}) > 1:  # then its mean at one length is over other runs than at another
+            if len({point[4] for point in points}) > 1:  # its means at two lengths are then over different runs
                 counts = ", ".join(f"{point[4]} at {point[0]}" for point in points)
                 print(f"lengths.png: {arm_label(key)} lr {key[3]:g} has runs at some lengths only ({counts})",
                       file=sys.stderr)
@@ -296,7 +435,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    parser.add_argument("--gap", metavar="A:B", help="gap.png: A's val loss minus B's, paired by seed, against "
+                        "--gap-x; rows by run name (each arm's best rate at each x), or NAME@LR for one rate")
+    parser.add_argument("--gap-x", choices=GAP_X, help="what gap.png's x axis is: the runs' training tokens, or "
+                        "their parameters (runs of one model shape are one size)")
     args = parser.parse_args(argv)
+    if bool(args.gap) != bool(args.gap_x):
+        sys.exit("error: --gap and --gap-x go together: --gap A:B --gap-x tokens (or params)")
     try:
         runs = load_runs(args.runs)
     except ValueError as error:
@@ -311,8 +456,11 @@ def main(argv=None):
             print(f"{run['dir']}: no attention sinks in its evaluations, so it is not in sinks.png", file=sys.stderr)
     if sink_runs:
         figures["sinks.png"] = lambda plt, file: plot_sinks(plt, sink_runs, file)
+    summaries = [run["summary"] for run in runs if "summary" in run]
     try:
-        figures.update(summary_figures([run["summary"] for run in runs if "summary" in run]))
+        figures.update(summary_figures(summaries))
+        if args.gap:
+            figures.update(gap_figure(summaries, args.gap, args.gap_x))
     except ValueError as error:
         sys.exit(f"error: {error}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
