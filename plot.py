@@ -1,7 +1,9 @@
-"""Figures of runs, from their metrics.jsonl and config.json; needs matplotlib (pip install matplotlib).
+"""Figures of runs, from their metrics.jsonl and config.json, and of finished runs, from their summary.json as
+compare.py reads it; needs matplotlib (pip install matplotlib).
 
     python plot.py logs/baseline-20261127-120000 logs/gated-20261127-130000 --out figures
-    python plot.py logs/study --out figures        # every run directory inside a directory
+    python plot.py results/study/1-brackets --out figures          # every run directory under a directory
+    python plot.py logs/r2 logs/r3 --gap gated:baseline --gap-x tokens --out figures
 
 Writes into --out (made if missing; files already there are never overwritten):
 - loss.png: train loss (faint: every step; solid: a moving average) and val loss (markers) against tokens,
@@ -9,7 +11,15 @@ Writes into --out (made if missing; files already there are never overwritten):
 - gates_<run directory>.png, for each gated run: the mean gate of every layer and head, at up to
   MAX_GATE_PANELS evaluations evenly spread over training, on one colour scale from 0 to 1;
 - sinks.png: per layer, the share of attention probability on the sequence's first token and on the first
-  token of each query's window, at each run's last evaluation.
+  token of each query's window, at each run's last evaluation;
+- lr.png, where an arm (run name, window, gate) has finished runs at two learning rates or more: final val loss
+  against learning rate, per arm, mean over seeds with min-max bars, each arm's best rate starred;
+- lengths.png, where finished runs evaluated at other lengths (--eval-seq-lens): val loss against evaluation
+  length, per compare.py row, mean over seeds with min-max bars;
+- gap.png, with --gap A:B and --gap-x tokens|params: A's val loss minus B's, paired by seed, at each training
+  budget or model size, mean with its 95% Student t interval, each arm at its best rate there unless NAME@LR
+  fixes one.
+lr.png and lengths.png are left out, with a line saying why, when an arm's runs differ in tokens or params.
 It also prints, for each gated run's last evaluation, a markdown table of its gates per layer.
 """
 import argparse
@@ -433,7 +443,7 @@ def summary_figures(summaries):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories with runs at any depth")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
     parser.add_argument("--gap", metavar="A:B", help="gap.png: A's val loss minus B's, paired by seed, against "
                         "--gap-x; rows by run name (each arm's best rate at each x), or NAME@LR for one rate")
