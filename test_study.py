@@ -281,6 +281,185 @@ def write_metrics_run(parent, name, window, gate, steps=60, val_every=10):
     return run_dir
 
 
+def write_finished_run(study_dir, name, lr, seed, val_loss, window=0, gate="none", n_layer=2, **summary):
+    """A finished run where study.py puts it, <study_dir>/<arm>-lr<lr>-seed<seed>/<name>-0/: config.json, a short
+    metrics.jsonl and summary.json (summary: write_summary's keywords, such as tokens, params, val_loss_by_seq_len)."""
+    run_dir = write_summary(os.path.join(study_dir, f"{name}-lr{lr:g}-seed{seed}"), f"{name}-0", name, val_loss, seed,
+                            window=window, gate=gate, lr=lr, **summary)
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": name, "seed": seed, "lr": lr, "window": window,
+                                                      "gate": gate, "batch_tokens": 2048, "n_layer": n_layer})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "train_loss": val_loss + 1}) + "\n")
+        f.write(json.dumps({"step": 1, "val_loss": val_loss}) + "\n")
+    return run_dir
+
+
+def test_plot_reads_a_study_folder_at_any_depth(tmp_path):
+    baseline = write_finished_run(tmp_path / "study", "baseline", 1e-3, 0, 5.0)
+    gated = write_finished_run(tmp_path / "study", "gated", 1e-3, 0, 4.9, window=256, gate="head")
+    runs = plot.load_runs([str(tmp_path / "study"), baseline])  # the baseline found twice counts once
+    assert sorted(run["dir"] for run in runs) == [baseline, gated]
+
+
+def learning_rate_study(study_dir, tokens=1_000_000):
+    """baseline at lr 1e-3 (seeds 0, 1, 2) and 2e-3 (seed 0); gated at 1e-3 and 2e-3 (seeds 0, 1)."""
+    for lr, losses in ((1e-3, [5.0, 5.2, 5.1]), (2e-3, [4.9])):
+        for seed, loss in enumerate(losses):
+            write_finished_run(study_dir, "baseline", lr, seed, loss, tokens=tokens)
+    for lr, losses in ((1e-3, [4.8, 4.6]), (2e-3, [4.7, 4.9])):
+        for seed, loss in enumerate(losses):
+            write_finished_run(study_dir, "gated", lr, seed, loss, window=256, gate="head", tokens=tokens)
+    return str(study_dir)
+
+
+def finished(*paths):
+    return [run["summary"] for run in plot.load_runs(paths) if "summary" in run]
+
+
+def test_plot_lr_curves_mean_and_range_over_seeds(tmp_path):
+    curves = plot.lr_curves(finished(learning_rate_study(tmp_path)))
+    assert list(curves) == [("baseline", 0, "none"), ("gated", 256, "head")]
+    assert curves["baseline", 0, "none"] == [pytest.approx((1e-3, 5.1, 5.0, 5.2)), pytest.approx((2e-3, 4.9, 4.9, 4.9))]
+    assert curves["gated", 256, "head"] == [pytest.approx((1e-3, 4.7, 4.6, 4.8)), pytest.approx((2e-3, 4.8, 4.7, 4.9))]
+
+
+def test_plot_lr_figure_only_for_runs_of_one_budget(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    study_dir = learning_rate_study(tmp_path / "study")
+    plot.main([study_dir, "--out", str(tmp_path / "figures")])
+    assert "lr.png" in os.listdir(tmp_path / "figures")
+    with pytest.raises(SystemExit, match="already holds loss.png, lr.png; delete them or choose another --out"):
+        plot.main([study_dir, "--out", str(tmp_path / "figures")])
+    write_finished_run(tmp_path / "longer", "gated", 1e-3, 0, 4.5, window=256, gate="head", tokens=2_000_000)
+    plot.main([study_dir, str(tmp_path / "longer"), "--out", str(tmp_path / "mixed")])
+    assert "lr.png" not in os.listdir(tmp_path / "mixed")
+    assert ("lr.png not drawn: the gated runs differ in tokens (1,000,000, 2,000,000); pass the runs of one training "
+            "budget and model size") in capsys.readouterr().err
+
+
+def test_plot_length_curves_per_row_and_the_runs_behind_each_point(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    study_dir = tmp_path / "study"
+    for seed, losses in enumerate([(5.0, 5.4, 6.0), (5.2, 5.6, 6.4)]):
+        write_finished_run(study_dir, "baseline", 1e-3, seed, losses[0],
+                           val_loss_by_seq_len=dict(zip(("1024", "2048", "4096"), losses)))
+    for seed, losses in enumerate([(4.8, 4.8, 4.9), (4.6, 4.7, 4.7), (4.7, 4.6)]):  # seed 2 stopped short of 8192
+        write_finished_run(study_dir, "gated", 1e-3, seed, losses[0], window=256, gate="head",
+                           val_loss_by_seq_len=dict(zip(("1024", "2048", "8192"), losses)))
+    write_finished_run(study_dir, "window", 1e-3, 0, 4.9, window=256)  # evaluated at its training length only
+    curves = plot.length_curves(finished(str(study_dir)))
+    assert list(curves) == [("baseline", 0, "none", 1e-3), ("gated", 256, "head", 1e-3)]
+    assert curves["baseline", 0, "none", 1e-3] == [pytest.approx((1024, 5.1, 5.0, 5.2, 2)),
+                                                  pytest.approx((2048, 5.5, 5.4, 5.6, 2)),
+                                                  pytest.approx((4096, 6.2, 6.0, 6.4, 2))]
+    assert curves["gated", 256, "head", 1e-3] == [pytest.approx((1024, 4.7, 4.6, 4.8, 3)),
+                                                 pytest.approx((2048, 4.7, 4.6, 4.8, 3)),
+                                                 pytest.approx((8192, 4.8, 4.7, 4.9, 2))]
+    plot.main([str(study_dir), "--out", str(tmp_path / "figures")])
+    assert "lengths.png" in os.listdir(tmp_path / "figures") and "lr.png" not in os.listdir(tmp_path / "figures")
+    assert ("lengths.png: gated (window 256, gate head) lr 0.001 has runs at some lengths only (3 at 1024, 3 at 2048, "
+            "2 at 8192)") in capsys.readouterr().err
+
+
+def tokens_study(study_dir):
+    """At 1M tokens gated's best rate is 1e-3 and baseline's 2e-3, seeds 0-2; at 2M tokens they share seed 0 only;
+    at 4M tokens gated alone."""
+    gated, baseline = {"window": 256, "gate": "head", "params": 1_100}, {"params": 1_000}
+    for tokens, name, lr, losses, arm in [(1_000_000, "gated", 1e-3, [4.8, 4.6, 4.7], gated),
+                                          (1_000_000, "gated", 2e-3, [4.9, 4.9, 4.9], gated),
+                                          (1_000_000, "baseline", 1e-3, [5.2, 5.3, 5.1], baseline),
+                                          (1_000_000, "baseline", 2e-3, [5.0, 5.0, 5.0], baseline),
+                                          (2_000_000, "gated", 1e-3, [4.5, 4.4], gated),
+                                          (2_000_000, "baseline", 2e-3, [4.8, None, 4.9], baseline),
+                                          (4_000_000, "gated", 1e-3, [4.3], gated)]:
+        for seed, loss in enumerate(losses):
+            if loss is not None:
+                write_finished_run(os.path.join(study_dir, f"{tokens}"), name, lr, seed, loss, tokens=tokens, **arm)
+    return str(study_dir)
+
+
+def test_plot_gap_against_tokens_pairs_seeds_of_each_arms_best_rate(tmp_path):
+    summaries = finished(tokens_study(tmp_path))
+    pair = plot.parse_gap("gated:baseline", summaries)
+    assert pair == [("gated", None), ("baseline", None)]
+    points, left_out = plot.gap_points(summaries, pair, "tokens")
+    # 1M tokens: gated at 1e-3 minus baseline at 2e-3 by seed: -0.2, -0.4, -0.3; mean -0.3, sample std 0.1, so the
+    # interval is -0.3 +- t(0.975, 2) 4.303 x 0.1 / sqrt(3) = -0.3 +- 0.2484; 2M tokens: seed 0 only, no interval
+    assert [tuple(p[:5]) for p in points] == [pytest.approx((1_000_000, -0.3, -0.5484, -0.0516, 3), abs=1e-4),
+                                              pytest.approx((2_000_000, -0.3, None, None, 1))]
+    assert [(p.rates, p.choices) for p in points] == [((1e-3, 2e-3), (2, 2)), ((1e-3, 2e-3), (1, 1))]
+    assert left_out == ["at 4,000,000 tokens: no baseline runs"]
+    fixed = plot.parse_gap("gated@0.002:baseline@0.002", summaries)  # one rate each: 1M tokens only
+    points, left_out = plot.gap_points(summaries, fixed, "tokens")
+    assert [tuple(p[:5]) for p in points] == [pytest.approx((1_000_000, -0.1, -0.1, -0.1, 3))]
+    assert left_out == ["at 2,000,000 tokens: no gated@0.002 runs",
+                        "at 4,000,000 tokens: no gated@0.002 or baseline@0.002 runs"]
+
+
+def test_plot_gap_against_params_pairs_runs_of_one_shape(tmp_path):
+    """Two model sizes (n_layer 2 and 4); the gate adds parameters, so the arms of one size differ in params."""
+    for n_layer, params, gated_losses, baseline_losses in [(2, 1_000, [4.8, 4.7], [5.0, 5.1]),
+                                                           (4, 2_000, [4.5, 4.4], [4.6, 4.6])]:
+        size = {"n_layer": n_layer, "tokens": 1_000_000}
+        for seed in (0, 1):
+            write_finished_run(tmp_path / f"{n_layer}", "gated", 1e-3, seed, gated_losses[seed], window=256,
+                               gate="head", params=params + 50, **size)
+            write_finished_run(tmp_path / f"{n_layer}", "baseline", 1e-3, seed, baseline_losses[seed], params=params,
+                               **size)
+    summaries = finished(str(tmp_path))
+    points, left_out = plot.gap_points(summaries, plot.parse_gap("gated:baseline", summaries), "params")
+    # at baseline's parameter counts; differences -0.2, -0.4 (mean -0.3, sample std 0.1414) and -0.1, -0.2 (mean
+    # -0.15, std 0.0707), each +- t(0.975, 1) 12.706 x std / sqrt(2)
+    assert [tuple(p[:5]) for p in points] == [pytest.approx((1_000, -0.3, -1.5706, 0.9706, 2), abs=1e-4),
+                                              pytest.approx((2_000, -0.15, -0.7853, 0.4853, 2), abs=1e-4)]
+    assert left_out == []
+    points, _ = plot.gap_points(summaries, plot.parse_gap("baseline:gated", summaries), "params")
+    assert [(p.x, round(p.mean, 4)) for p in points] == [(1_050, 0.3), (2_050, 0.15)]  # at gated's counts now
+
+
+def test_plot_gap_figure_and_its_lines(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot.main([tokens_study(tmp_path / "study"), "--out", str(tmp_path / "figures"), "--gap", "gated:baseline",
+               "--gap-x", "tokens"])
+    assert sorted(os.listdir(tmp_path / "figures")) == ["gap.png", "loss.png"]
+    printed = capsys.readouterr()
+    assert "gap.png at 1,000,000 tokens: gated at lr 0.001 (best of 2), baseline at lr 0.002 (best of 2)" in printed.out
+    assert "gap.png has no point at 4,000,000 tokens: no baseline runs" in printed.err
+    assert "lr.png not drawn: the baseline runs differ in tokens (1,000,000, 2,000,000)" in printed.err
+
+
+@pytest.mark.parametrize("gap, message", [
+    ("gatd:baseline", "--gap gatd:baseline: no row 'gatd'; the rows are baseline, gated (NAME, or NAME@LR for one "
+                      "learning rate)"),
+    ("gated", "--gap gated: expected A:B, e.g. gated:baseline"),
+    ("gated@fast:baseline", "--gap gated@fast:baseline: 'fast' is not a learning rate; write NAME@LR, e.g. "
+                            "gated@0.001"),
+    ("gated@0.005:baseline", "--gap gated@0.005:baseline: gated has no runs at lr 0.005; its rates are 0.001, 0.002"),
+])
+def test_plot_gap_errors_name_the_row_and_the_rows_there_are(tmp_path, gap, message):
+    study_dir = tokens_study(tmp_path / "study")
+    with pytest.raises(SystemExit) as error:
+        plot.main([study_dir, "--out", str(tmp_path / "figures"), "--gap", gap, "--gap-x", "tokens"])
+    assert str(error.value) == f"error: {message}"
+    assert not (tmp_path / "figures").exists()
+
+
+def test_plot_gap_x_errors(tmp_path, capsys):
+    study_dir = tokens_study(tmp_path / "study")
+    out = str(tmp_path / "figures")
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
+        plot.main([study_dir, "--out", out, "--gap", "gated:baseline", "--gap-x", "steps"])
+    assert "argument --gap-x: invalid choice: 'steps'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: --gap and --gap-x go together: --gap A:B --gap-x tokens"):
+        plot.main([study_dir, "--out", out, "--gap", "gated:baseline"])
+    write_finished_run(tmp_path / "bigger", "gated", 1e-3, 0, 4.0, window=256, gate="head", n_layer=4,
+                       tokens=1_000_000, params=2_200)
+    with pytest.raises(SystemExit, match=r"^error: --gap-x tokens: at 1,000,000 tokens, the gated runs differ in "
+                                         r"params \(1,100, 2,200\); pass runs that differ only in tokens$"):
+        plot.main([study_dir, str(tmp_path / "bigger"), "--out", out, "--gap", "gated:baseline", "--gap-x", "tokens"])
+    assert not (tmp_path / "figures").exists()
+
+
 def test_plot_writes_figures_and_gate_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import matplotlib.image
