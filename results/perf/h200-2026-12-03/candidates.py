@@ -8,8 +8,9 @@ random tokens, bf16 autocast, plain loss, torch.compile(dynamic=False), from the
 A variant is MODEL:PARTS[@MODE]. MODEL: gated (window 256, head gate) or baseline (full causal, no gate). PARTS,
 joined by +: ref (train_gpt's model as it is), qkvg (q, k, v and the gate's W_g stacked in one weight, one matrix
 product split by views), qkvg8 (the same, its width rounded up to a multiple of 8 with zero rows that nothing
-reads), mlp (gate_proj and up_proj stacked), bf16 (the residual stream kept in the autocast dtype from the embedding
-on). MODE: torch.compile's mode (default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune).
+reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad (the gate's own product padded to a
+multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), bf16 (the residual
+stream kept in the autocast dtype from the embedding on). MODE: torch.compile's mode (default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune).
 
 Every variant starts from the reference's weights copied into its layout, so the first step's loss and gradients
 must agree with the reference's to rounding (the table's last columns; a layout bug shows as an error near 1). The
@@ -41,13 +42,14 @@ sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402  (found through REPO, from any working directory)
 
 MODELS = {"gated": dict(window=256, gate="head"), "baseline": dict(window=0, gate="none")}
-PARTS = ("ref", "qkvg", "qkvg8", "mlp", "bf16")
+PARTS = ("ref", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "bf16")
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-# most promising first, since the budget cuts the list's end: the fused layouts and the bf16 residual, CUDA graphs
-# alone (the step's ~9 ms of gaps between kernels), each fusion alone, the baseline, and the slow-to-compile autotuning
-DEFAULT_VARIANTS = ("gated:ref", "gated:qkvg+mlp", "gated:qkvg+mlp+bf16", "gated:qkvg8+mlp+bf16",
-                    "gated:ref@reduce-overhead", "gated:qkvg", "gated:mlp", "baseline:ref", "baseline:qkvg+mlp+bf16",
-                    "gated:ref@max-autotune-no-cudagraphs", "gated:ref@max-autotune")
+# Most promising first, since the budget cuts the list's end. The first measurement (flex.md, whose header lists its
+# variants) ran the fused layouts with and without the bf16 residual, CUDA graphs, each fusion alone and the baseline:
+# stacking paid only when its width was a multiple of 8, and the bf16 residual paid. So now each of those alone, and
+# together.
+DEFAULT_VARIANTS = ("gated:ref", "gated:gatepad", "gated:qkv+gatepad", "gated:qkvg8", "gated:bf16",
+                    "gated:qkv+gatepad+bf16", "gated:qkvg8+bf16", "baseline:ref", "baseline:qkv+bf16")
 TINY = dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 TINY_BATCH, TINY_WINDOW = 4, 16
 ALIGN = 8  # bf16 elements in 16 bytes: the alignment of row strides that cuBLAS's fast kernels and TMA need
@@ -76,8 +78,10 @@ def parse_variant(spec: str) -> Variant:
         problems.append(f"parts {', '.join(sorted(parts - set(PARTS)))} not among {', '.join(PARTS)}")
     if "ref" in parts and len(parts) > 1:
         problems.append("ref means no change, so it stands alone")
-    if {"qkvg", "qkvg8"} <= parts:
-        problems.append("qkvg and qkvg8 are two widths of one layout: pick one")
+    if len(parts & {"qkvg", "qkvg8", "qkv"}) > 1:
+        problems.append("qkvg, qkvg8 and qkv are layouts of one projection: pick one")
+    if "gatepad" in parts and parts & {"qkvg", "qkvg8"}:
+        problems.append("gatepad pads the gate's own product, which qkvg and qkvg8 fold into theirs: use qkv")
     if mode not in MODES:
         problems.append(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if problems:
@@ -85,25 +89,44 @@ def parse_variant(spec: str) -> Variant:
     return Variant(spec, model, parts, mode)
 
 
-class FusedAttention(nn.Module):
-    """train_gpt's Attention with q_proj, k_proj, v_proj and the gate's W_g as one weight, qkvg.weight (their rows
-    stacked in that order, then zero rows up to a multiple of `multiple`), and b_g as gate_bias. One matrix product,
-    split by views: the gate's n_head columns ride in the big product instead of three skinny ones of their own."""
+class PaddedGate(tg.Gate):
+    """train_gpt's Gate, its product padded at call time with zero rows to a multiple of ALIGN outputs (16 for the
+    head gate's 12) and sliced back: 16-byte rows for cuBLAS's fast kernels instead of 24-byte ones. The same
+    parameters; the padded outputs' gradients are zero, so the weight's gradient is the reference's."""
 
-    def __init__(self, cfg: tg.ModelConfig, multiple: int):
+    def forward(self, x):
+        if self.weight is None:
+            return super().forward(x)
+        B, T, _ = x.shape
+        rows = self.weight.size(0)
+        pad = -rows % ALIGN
+        bias = None if self.bias is None else F.pad(self.bias, (0, pad))
+        logits = F.linear(x, F.pad(self.weight, (0, 0, 0, pad)), bias)[..., :rows]
+        return torch.sigmoid(logits).view(B, T, self.n_head, self.width)
+
+
+class FusedAttention(nn.Module):
+    """train_gpt's Attention with q_proj, k_proj, v_proj and (gate_inside) the gate's W_g as one weight, qkvg.weight
+    (their rows stacked in that order, then zero rows up to a multiple of `multiple`), and b_g as gate_bias. One matrix
+    product, split by views: the gate's n_head columns ride in the big product instead of three skinny ones of their
+    own. Without gate_inside the gate stays its own module, `gate` (train_gpt's Gate, or PaddedGate if padded)."""
+
+    def __init__(self, cfg: tg.ModelConfig, multiple: int, gate_inside: bool = True, padded_gate: bool = False):
         super().__init__()
         if cfg.gate not in ("none", "head", "head-nobias", "head-open", "channel"):
             raise ValueError(f"--gate {cfg.gate}: the fused layout has no second attention pass for it")
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.gated, self.gate_width = cfg.gate != "none", cfg.head_dim if cfg.gate == "channel" else 1
+        self.gate_inside = self.gated and gate_inside
+        self.gate = (PaddedGate if padded_gate else tg.Gate)(cfg) if self.gated and not gate_inside else None
         self.sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-        if self.gated:
+        if self.gate_inside:
             self.sizes.append(cfg.n_head * self.gate_width)
         width = -(-sum(self.sizes) // multiple) * multiple
         if width > sum(self.sizes):
             self.sizes.append(width - sum(self.sizes))  # padding: split off and never read, so its gradient is 0
         self.qkvg = nn.Linear(cfg.d_model, width, bias=False)
-        has_bias = self.gated and cfg.gate != "head-nobias"
+        has_bias = self.gate_inside and cfg.gate != "head-nobias"
         self.gate_bias = nn.Parameter(torch.empty(cfg.n_head * self.gate_width)) if has_bias else None
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
@@ -122,9 +145,11 @@ class FusedAttention(nn.Module):
             v = v.contiguous()
         q, k = tg.apply_rotary(q, cos, sin), tg.apply_rotary(k, cos, sin)
         y = tg.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks.local).transpose(1, 2)
-        if self.gated:  # as Gate: the bias added in the product's dtype, then the sigmoid, per head (B, T, H, 1)
+        if self.gate_inside:  # as Gate: the bias added in the product's dtype, then the sigmoid, per head (B, T, H, 1)
             logits = rest[0] if self.gate_bias is None else rest[0] + self.gate_bias.to(rest[0].dtype)
             y = y * torch.sigmoid(logits).view(B, T, self.n_head, self.gate_width)
+        elif self.gate is not None:
+            y = y * self.gate(x)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -151,6 +176,10 @@ class CandidateGPT(tg.GPT):
         for block in self.blocks:
             if parts & {"qkvg", "qkvg8"}:
                 block.attn = FusedAttention(cfg, ALIGN if "qkvg8" in parts else 1)
+            elif "qkv" in parts:
+                block.attn = FusedAttention(cfg, 1, gate_inside=False, padded_gate="gatepad" in parts)
+            elif "gatepad" in parts and block.attn.gate is not None:
+                block.attn.gate = PaddedGate(cfg)
             if "mlp" in parts:
                 block.mlp = FusedMLP(cfg)
 
@@ -171,7 +200,7 @@ def to_layout(state: dict, model: nn.Module) -> dict:
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
         if isinstance(block.attn, FusedAttention):
-            names = ["q_proj", "k_proj", "v_proj"] + (["gate"] if block.attn.gated else [])
+            names = ["q_proj", "k_proj", "v_proj"] + (["gate"] if block.attn.gate_inside else [])
             rows = [out.pop(f"{p}attn.{name}.weight") for name in names]
             padding = block.attn.qkvg.out_features - sum(r.size(0) for r in rows)
             out[p + "attn.qkvg.weight"] = torch.cat(rows + [rows[0].new_zeros(padding, rows[0].size(1))])
@@ -189,7 +218,7 @@ def to_reference(tensors: dict, model: nn.Module) -> dict:
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
         if isinstance(block.attn, FusedAttention):
-            names = ["q_proj", "k_proj", "v_proj"] + (["gate"] if block.attn.gated else [])
+            names = ["q_proj", "k_proj", "v_proj"] + (["gate"] if block.attn.gate_inside else [])
             for name, rows in zip(names, out.pop(p + "attn.qkvg.weight").split(block.attn.sizes)):
                 out[f"{p}attn.{name}.weight"] = rows
             if block.attn.gate_bias is not None:
