@@ -53,6 +53,8 @@ def test_tiny_gated_model_learns_and_logs(tmp_path):
     assert abs(evals[0] - math.log(50304)) < 0.3, evals
     assert evals[-1] < evals[0] - 2.5, evals
     assert summary["val_loss"] == evals[-1]
+    timed = [(m["eval_s"], m["probe_s"]) for m in read_metrics(run_dir) if "val_loss" in m]  # where eval time goes
+    assert all(e > 0 and p > 0 for e, p in timed) and sum(map(sum, timed)) <= summary["eval_time_s"], timed
     for key in ("val_loss", "train_time_s", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "params", "window", "gate"):
         assert key in summary
     assert summary["tokens"] == 40 * 2048 and summary["window"] == 32 and summary["gate"] == "head"
@@ -376,6 +378,7 @@ def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
     assert list(losses) == ["128", "64", "512"] and losses["128"] == summary["val_loss"]
     assert summary["wall_time_s"] > summary["train_time_s"] + summary["eval_time_s"] and summary["eval_time_s"] > 0
     assert read_metrics(run_dir)[-1]["val_loss_by_seq_len"] == losses
+    assert 0 < read_metrics(run_dir)[-1]["eval_s"] < summary["eval_time_s"]
     with open(os.path.join(run_dir, "env.json")) as f:
         recorded = json.load(f)["provenance"]
     assert summary["provenance"] == {**recorded, "train_data": recorded["train_data"]["sha256"],

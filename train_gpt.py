@@ -1298,10 +1298,12 @@ def main(argv=None):
         if last_step or (args.val_every > 0 and step % args.val_every == 0):
             val_loss = evaluate(model, val_loader, val_steps, masks)
             print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
+            probe_started = time.perf_counter()  # evaluate and probe end on .item(): the GPU is done at each clock
             probes = probe(raw_model, probe_inputs) if master else {}  # the other ranks wait at the next step
-            record(step=step, val_loss=val_loss, train_time_s=train_time, **probes)
+            record(step=step, val_loss=val_loss, train_time_s=train_time, eval_s=round(probe_started - eval_started, 3),
+                   probe_s=round(time.perf_counter() - probe_started, 3), **probes)
         if last_step:
-            val_loss_by_seq_len = {str(T): val_loss}
+            val_loss_by_seq_len, lengths_started = {str(T): val_loss}, time.perf_counter()
             for length in eval_seq_lens(args):  # the uncompiled model: each length would be a new compilation
                 loader = DataLoader(val_loader.files, args.micro_batch_tokens // length, length, rank, world_size,
                                     args.vocab_size, device)
@@ -1309,7 +1311,8 @@ def main(argv=None):
                                                             raw_model.masks(length, device, backend))
                 print0(f"step:{step}/{args.steps} val_loss:{val_loss_by_seq_len[str(length)]:.4f} seq_len:{length}")
             if len(val_loss_by_seq_len) > 1:
-                record(step=step, val_loss_by_seq_len=val_loss_by_seq_len)
+                record(step=step, val_loss_by_seq_len=val_loss_by_seq_len,
+                       eval_s=round(time.perf_counter() - lengths_started, 3))
         eval_time += time.perf_counter() - eval_started
         if last_step:
             break
