@@ -3,14 +3,17 @@
     python bench.py                                  # the attention, loss and step tables
     python bench.py --tables attention --seq-lens 8192
     python bench.py --tables step --seq-lens 1024 --profile gated    # plus one step's GPU time by kernel kind
+    python bench.py --tables loss,step --seq-lens 1024 --presets fa4:gated --loss plain,fp8   # the FP8 output layer
 
 Every variant runs in this one process, after a warm-up, and reports the median of many timed runs
 (CUDA events). Attention: forward + backward in bf16 of the default model's query and key/value heads (ModelConfig),
 with batch x length fixed at --tokens. Loss: forward + backward of the tied output layer and cross-entropy on
 --tokens tokens. Steps: one compiled forward + backward + AdamW step of the default model on --tokens tokens, as
-train_gpt.py runs it (its make_optimizer), on each attention backend (--backends; fa4 rows need flash-attn-4).
+train_gpt.py runs it (its make_optimizer), on each attention backend (--backends; fa4 rows need flash-attn-4) and with
+each loss (--loss).
 """
 import argparse
+import itertools
 import statistics
 import time
 
@@ -152,7 +155,12 @@ def loss_variants():
     def plain(x, weight, targets):
         return F.cross_entropy(F.linear(x, weight).float(), targets)
 
+    def fp8(x, weight, targets):
+        return F.cross_entropy(tg.fp8_linear(x, weight).float(), targets)
+
     variants = {"plain (logits, then cross-entropy), compiled": torch.compile(plain)}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        variants["FP8 output layer, then cross-entropy (--loss fp8), compiled"] = torch.compile(fp8)
     if tg.liger_loss_module() is None:
         print("liger-kernel: not installed")
     else:
@@ -201,7 +209,8 @@ STEP_VARIANTS = {"baseline": dict(window=0, gate="none"), "gated": dict(window=W
 
 def build_step(args: tg.Hyperparameters, backend: str, device):
     """One training step as train_gpt.py's loop runs it (with its --loss), with one micro-step."""
-    raw_model = tg.GPT(tg.ModelConfig.from_args(args), tg.check_loss(args.loss, device)).to(device)
+    cfg = tg.ModelConfig.from_args(args)
+    raw_model = tg.GPT(cfg, tg.check_loss(args.loss, device, cfg, args.micro_batch_tokens)).to(device)
     model = torch.compile(raw_model, dynamic=False)
     optimizer = tg.make_optimizer(raw_model, args)
     masks = raw_model.masks(args.seq_len, device, backend)
@@ -219,37 +228,36 @@ def build_step(args: tg.Hyperparameters, backend: str, device):
     return step, tg.training_flops_per_token(raw_model.cfg, sum(p.numel() for p in raw_model.parameters()))
 
 
-def step_table(seq_lens, tokens: int, backends, presets, loss: str, peak_tflops: float, profile: str, device):
+def step_table(seq_lens, tokens: int, backends, presets, losses, peak_tflops: float, profile: str, device):
     rows = []
-    for T in seq_lens:
-        for backend in backends:
-            for name in presets:
-                if ":" in name:  # BACKEND:PRESET, a row for that backend only
-                    if not name.startswith(backend + ":"):
-                        continue
-                    name = name.split(":")[1]
-                args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, loss=loss, **STEP_VARIANTS[name])
-                step, flops = build_step(args, backend, device)
-                torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                compile_s = time.perf_counter() - start
-                ms = median_ms(step, warmup=3, reps=15)
-                tokens_per_s = tokens / (ms / 1000)
-                mfu = flops * tokens_per_s / (peak_tflops * 1e12)
-                memory = torch.cuda.max_memory_allocated(device) / 1e9
-                rows.append(f"| {T} | {backend} | {name} | {ms:.1f} | {tokens_per_s:,.0f} | {100 * mfu:.1f}% | "
-                            f"{memory:.1f} |")
-                print(f"T={T} {backend} {name}: {ms:.1f} ms/step (first step, compiling, {compile_s:.0f} s)",
-                      flush=True)
-                if f"{backend}:{name}" == profile:
-                    print_profile(step)
-                del step
-                torch.cuda.empty_cache()
-    print(f"\nTraining step of the default model (compiled, AdamW, --loss {loss}), {tokens:,} tokens per step, "
+    for T, backend, name, loss in itertools.product(seq_lens, backends, presets, losses):
+        if ":" in name:  # BACKEND:PRESET, a row for that backend only
+            if not name.startswith(backend + ":"):
+                continue
+            name = name.split(":")[1]
+        args = tg.Hyperparameters(seq_len=T, micro_batch_tokens=tokens, loss=loss, **STEP_VARIANTS[name])
+        step, flops = build_step(args, backend, device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        ms = median_ms(step, warmup=3, reps=15)
+        tokens_per_s = tokens / (ms / 1000)
+        mfu = flops * tokens_per_s / (peak_tflops * 1e12)
+        memory = torch.cuda.max_memory_allocated(device) / 1e9
+        rows.append(f"| {T} | {backend} | {name} | {loss} | {ms:.1f} | {tokens_per_s:,.0f} | {100 * mfu:.1f}% | "
+                    f"{memory:.1f} |")
+        print(f"T={T} {backend} {name} {loss}: {ms:.1f} ms/step (first step, compiling, {compile_s:.0f} s)",
+              flush=True)
+        if f"{backend}:{name}" == profile:
+            print_profile(step)
+        del step
+        torch.cuda.empty_cache()
+    print(f"\nTraining step of the default model (compiled, AdamW), {tokens:,} tokens per step, "
           f"MFU over {peak_tflops:.0f} TFLOP/s")
-    print("| seq len | attention | preset | ms/step | tokens/s | MFU | peak memory (GB) |\n|---|---|---|---|---|---|---|")
+    print("| seq len | attention | preset | loss | ms/step | tokens/s | MFU | peak memory (GB) |\n"
+          "|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
@@ -294,8 +302,8 @@ def main():
                                                          "1024,4096,8192,16384 for steps")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch x sequence length)")
     parser.add_argument("--backends", default="flex,fa4", help="attention backends to time, comma-separated")
-    parser.add_argument("--loss", default=tg.Hyperparameters.loss, help="the step table's loss: plain or fused "
-                                                                        "(train_gpt.py's --loss)")
+    parser.add_argument("--loss", default=tg.Hyperparameters.loss, help="the step table's losses, comma-separated "
+                                                                        "(train_gpt.py's --loss: plain, fused, fp8)")
     parser.add_argument("--presets", default="baseline,window,gated",
                         help="step table rows, comma-separated: PRESET (every backend) or BACKEND:PRESET")
     parser.add_argument("--peak-tflops", type=float, default=tg.Hyperparameters.peak_tflops)
@@ -318,7 +326,7 @@ def main():
     if "loss" in args.tables:
         loss_table(args.tokens, device)
     if "step" in args.tables:
-        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","), args.loss,
+        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","), args.loss.split(","),
                    args.peak_tflops, args.profile, device)
 
 

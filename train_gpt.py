@@ -106,8 +106,9 @@ class Hyperparameters(ModelConfig):
     # speed: the same model and training on every choice
     attention_backend: str = "auto"  # CUDA kernel: "fa4" (FlashAttention-4), "flex" (FlexAttention), or "auto":
     # fa4 where it can run, else flex. The CPU always uses SDPA with the dense mask
-    loss: str = "plain"  # "plain" (logits, then cross-entropy: the fastest measured) or "fused" (liger-kernel's
+    loss: str = "plain"  # "plain" (logits, then cross-entropy: the fastest measured), "fused" (liger-kernel's
     # fused linear cross-entropy, CUDA: 6 GB less memory at 65,536 tokens a micro-step, 4% slower; docs/performance.md)
+    # or "fp8" (the output layer's three products in FP8, then the plain cross-entropy: fp8_linear; an H100 or newer)
     compile: bool = True  # torch.compile the model (CUDA only)
 
     # evaluation and logging
@@ -133,7 +134,7 @@ class Hyperparameters(ModelConfig):
 
 
 ATTENTION_BACKENDS = ("auto", "flex", "fa4")  # --attention-backend's values
-LOSSES = ("plain", "fused")  # --loss's values
+LOSSES = ("plain", "fused", "fp8")  # --loss's values
 
 
 def flag_choices() -> dict:
@@ -456,7 +457,7 @@ class GPT(nn.Module):
         # gives models with and without a gate the same values of every other weight
         rng_state = torch.get_rng_state()
         self.cfg = cfg
-        self.loss_kernel = loss_kernel  # "plain" or "fused" (check_loss): how forward computes the same loss
+        self.loss_kernel = loss_kernel  # "plain", "fused" or "fp8" (check_loss): how forward computes the loss
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
@@ -518,13 +519,17 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids; returns the mean cross-entropy in float32. With loss_kernel "fused"
         (check_loss) it is liger-kernel's fused linear cross-entropy, which computes the logits a chunk of tokens at
         a time, so the (B * T, vocab) float32 logits never exist at once: the same value, gradients within bf16
-        rounding, in a quarter of the memory (bench.py's loss table)."""
+        rounding, in a quarter of the memory (bench.py's loss table). With "fp8" the output layer's products run in
+        FP8 (fp8_linear): not the same arithmetic, a speed option whose training is checked against bf16 runs."""
         x = self.hidden(idx, masks)
         if self.loss_kernel == "fused":
             return fused_linear_cross_entropy(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
                                               targets.flatten())
-        logits = F.linear(x, self.embed.weight)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if self.loss_kernel == "fp8":
+            logits = fp8_linear(x.flatten(0, 1), self.embed.weight)
+        else:
+            logits = F.linear(x, self.embed.weight).flatten(0, 1)
+        return F.cross_entropy(logits.float(), targets.flatten())
 
 
 @functools.cache
@@ -544,9 +549,57 @@ def fused_linear_cross_entropy(weight, x, targets):
     return liger_loss_module()(weight, x, targets)
 
 
-def check_loss(requested: str, device: torch.device) -> str:
-    """The loss --loss asks for; a fused loss that cannot run here is an error naming the flag. No "auto": the plain
-    loss is the faster one (docs/performance.md), so it is the default, and the fused one is for saving memory."""
+def to_fp8(t, dtype):
+    """t scaled by a power of two that brings its largest magnitude just under dtype's largest, then cast to dtype;
+    returns it with the inverse scale (a float32 scalar) that undoes it. A power of two scales exactly, so the cast is
+    the only rounding. The scale follows the tensor every call, so nothing overflows."""
+    largest = t.detach().abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / largest)))
+    return (t.float() * scale).to(dtype), scale.reciprocal()
+
+
+class FP8Linear(torch.autograd.Function):
+    """x @ weight^T for x (N, d) and weight (V, d) with torch._scaled_mm, FP8's matrix product: x and weight in e4m3
+    (3 mantissa bits) for the forward, and the incoming gradient in e5m2 (2 mantissa bits, more range) for the two
+    backward products, each tensor scaled by to_fp8. Returns bf16 logits; the gradients come in float32 (weight) and
+    x's dtype. _scaled_mm takes its first operand row-major and its second column-major, hence the transposes."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x8, x_inv = to_fp8(x, torch.float8_e4m3fn)
+        w8, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.x_dtype = x.dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = to_fp8(grad, torch.float8_e5m2)
+        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.x_dtype)
+        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32)
+        return grad_x, grad_w
+
+
+def fp8_linear(x, weight):
+    """--loss fp8's output layer, x (N, d) @ weight (V, d)^T in FP8 (FP8Linear): the largest product of the step
+    (6 x d x vocab FLOPs a token), at FP8's rate, twice bf16's on an H100 or H200. Every dimension a multiple of 16."""
+    return FP8Linear.apply(x, weight)
+
+
+def check_loss(requested: str, device: torch.device, cfg: ModelConfig, tokens_per_call: int) -> str:
+    """The loss --loss asks for; a fused or FP8 loss that cannot run here is an error naming the flag. No "auto": the
+    plain loss is the faster one (docs/performance.md), so it is the default, and the fused one is for saving memory.
+    FP8 runs on the CPU too (slowly: for the tests)."""
+    if requested == "fp8":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"--loss fp8 cannot run here: {torch.cuda.get_device_name(device)} has no FP8 matrix "
+                             f"products (an H100, H200, L40S or newer has); use --loss plain")
+        sizes = {"--vocab-size": cfg.vocab_size, "--d-model": cfg.d_model, "--micro-batch-tokens": tokens_per_call}
+        if any(size % 16 for size in sizes.values()):
+            raise ValueError("--loss fp8 needs " + ", ".join(f"{flag} {size}" for flag, size in sizes.items())
+                             + " to be multiples of 16 (FP8's matrix products); change them or use --loss plain")
     if requested == "fused":
         reason = ("the device is the CPU" if device.type != "cuda"
                   else "liger-kernel does not import" if liger_loss_module() is None else "")
@@ -1211,7 +1264,7 @@ def main(argv=None):
         resume_changes = check_resume(checkpoint, args, train_shards, world_size)
     cfg = ModelConfig.from_args(args)
     backend, backend_note = choose_attention_backend(args.attention_backend, cfg, device)
-    loss_kernel = check_loss(args.loss, device)
+    loss_kernel = check_loss(args.loss, device, cfg, args.micro_batch_tokens)
     kernels = {"attention": backend, "loss": loss_kernel}
 
     run_dir = make_run_dir(args.log_dir, args.run_name) if master else None
