@@ -180,7 +180,8 @@ def test_fp8_output_layer_against_float64():
         targets = torch.randint(0, 1024, (512,))
         (logits, logits64), (loss, loss64), (grad_x, grad_x64), (grad_w, grad_w64) = fp8_and_float64(x, weight, targets)
         assert logits.dtype == torch.bfloat16 and grad_x.dtype == torch.float32 and grad_w.dtype == torch.float32
-        for name, a, b in (("logits", logits, logits64), ("grad x", grad_x, grad_x64), ("grad weight", grad_w, grad_w64)):
+        for name, a, b in (("logits", logits, logits64), ("grad x", grad_x, grad_x64),
+                           ("grad weight", grad_w, grad_w64)):
             error = ((a.double() - b).norm() / b.norm()).item()
             assert 1e-3 < error < FP8, (scale, name, error)  # above 1e-3: it did run in FP8
         assert abs(loss.item() - loss64.item()) < FP8 * loss64.item() * 0.1, scale
