@@ -283,14 +283,23 @@ def study_summaries(tmp_path):
     return study, sorted((r["run_name"], r["seed"]) for r in runs)
 
 
-@pytest.mark.parametrize("preset, window, gate", [("baseline", 0, "none"), ("gated", 256, "head"),
-                                                  ("window", 256, "none"), ("gate", 0, "head")])
+@pytest.mark.parametrize("preset, window, gate", [("baseline", 0, "none"), ("gated", 256, "head")])
 def test_run_sh_single_run_presets_train_their_attention(tmp_path, preset, window, gate):
     done = run_sh(tmp_path, preset, *study_flags(tmp_path), "--log-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     (run_dir,) = tmp_path.glob(f"{preset}-*")
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["run_name"], config["window"], config["gate"]) == (preset, window, gate)
+
+
+@pytest.mark.parametrize("preset, flags", [("window", "--window 256 --gate none"), ("gate", "--window 0 --gate head")])
+def test_run_sh_other_presets_take_their_flags_from_study_py(preset, flags):
+    """run.sh's four presets share one line, which reads the preset's flags from study.py (the two above train)."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "study.py"), "--flags", preset], capture_output=True,
+                          text=True, cwd=HERE)
+    assert done.returncode == 0 and done.stdout.split() == flags.split(), done.stderr
+    with open(os.path.join(HERE, "run.sh")) as f:
+        assert "    baseline|gated|window|gate)\n" in f.read()
 
 
 def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the_table(tmp_path, monkeypatch):
