@@ -13,7 +13,8 @@ baseline, in percent, so a positive number means a lower val loss than the basel
 directory and a run inside it) counts once; two run directories with the same seed in one row are refused.
 
 Under the table: the paired differences (by default each row against the baseline row) over the seeds both
-rows have, as the same seed means the same initial weights and data order; val loss at each --eval-seq-lens
+rows have, as the same seed means the same initial weights and data order, and the interaction of each 2 x 2 of
+window and gate at one learning rate; val loss at each --eval-seq-lens
 length, where runs have it; and notes where the runs' commits, code or data differ, or are unknown.
 """
 import argparse
@@ -191,39 +192,74 @@ def parse_pairs(text, groups, labels):
     return pairs
 
 
+def interactions(groups):
+    """The 2 x 2s among the rows: for each windowed, gated row, the rows at its learning rate with neither (full
+    attention, no gate), the window alone and the gate alone, where each of the three is one row. As (coefficient,
+    row) terms of the interaction, (window and gate - gate alone) - (window alone - neither): how much the window
+    changes the gate's effect, 0 where the two effects add."""
+    found = []
+    for key in groups:
+        _, window, gate, lr = key
+        if not window or gate == "none":
+            continue
+        corners = []
+        for corner in ((0, "none"), (window, "none"), (0, gate)):
+            matches = [k for k in groups if (k[1], k[2], k[3]) == (*corner, lr)]
+            corners.append(matches[0] if len(matches) == 1 else None)
+        if None not in corners:
+            neither, window_alone, gate_alone = corners
+            found.append([(1, key), (-1, gate_alone), (-1, window_alone), (1, neither)])
+    return found
+
+
+def contrast_row(name, terms, groups):
+    """A row of the paired table for sum(coefficient x val loss) over (coefficient, row) terms, seed by seed over the
+    seeds every term's row has; None where they have none in common."""
+    by_seed = [{(r["seed"], r["data_seed"]): r for r in groups[key]} for _, key in terms]
+    seeds = [seed for seed in by_seed[0] if all(seed in runs for runs in by_seed[1:])]
+    if not seeds:
+        return None
+    differences = [sum(c * runs[s]["val_loss"] for (c, _), runs in zip(terms, by_seed)) for s in seeds]
+    mean = statistics.mean(differences)
+    interval = ""
+    if len(differences) > 1:
+        half = t_quantile(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+        interval = f"{mean - half:+.4f} to {mean + half:+.4f}"
+    agree = sum(1 for d in differences if d * mean > 0)
+    return row([name, ",".join(seed_label(by_seed[0][s]) for s in seeds), len(seeds),
+                ", ".join(f"{d:+.4f}" for d in differences), f"{mean:+.4f}", interval, f"{agree}/{len(seeds)}"])
+
+
 def paired_table(groups, labels, pairs, chosen):
-    """The table of paired differences and its notes; pairs without a seed in common are refused when chosen
-    (--pairs), else named in a note."""
+    """The table of paired differences, then each 2 x 2's interaction (interactions), and its notes; pairs without a
+    seed in common are refused when chosen (--pairs), else named in a note."""
     lines = [row(["pair", "seeds", "n", "difference by seed", "mean", "95% interval", "sign"]), row(["---"] * 7)]
     unpaired = []
     for first, second in pairs:
-        losses = [{(r["seed"], r["data_seed"]): r for r in groups[key]} for key in (first, second)]
-        seeds = [seed for seed in losses[0] if seed in losses[1]]
         name = f"{labels[first]} − {labels[second]}"
-        if not seeds:
+        line = contrast_row(name, [(1, first), (-1, second)], groups)
+        if line is None:
             if chosen:
                 raise ValueError(f"--pairs {labels[first]}:{labels[second]}: the rows have no seed in common")
             unpaired.append(name)
             continue
-        differences = [losses[0][s]["val_loss"] - losses[1][s]["val_loss"] for s in seeds]
-        mean = statistics.mean(differences)
-        interval = ""
-        if len(differences) > 1:
-            half = t_quantile(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-            interval = f"{mean - half:+.4f} to {mean + half:+.4f}"
-        agree = sum(1 for d in differences if d * mean > 0)
-        lines.append(row([name, ",".join(seed_label(losses[0][s]) for s in seeds), len(seeds),
-                          ", ".join(f"{d:+.4f}" for d in differences), f"{mean:+.4f}", interval,
-                          f"{agree}/{len(seeds)}"]))
-    if len(lines) == 2:
+        lines.append(line)
+    crossed = [line for terms in interactions(groups)
+               if (line := contrast_row("interaction: ({} − {}) − ({} − {})".format(*(labels[k] for _, k in terms)),
+                                        terms, groups))]
+    if len(lines) == 2 and not crossed:
         return []
     notes = ["Paired: the first row's val loss minus the second's, seed by seed over the seeds both have (the same "
              "seed: the same initial weights and data order); negative means the first row's is lower. Mean with its "
              "95% interval (Student t on the differences, n - 1 degrees of freedom; none from one seed); sign: the "
              "seeds whose difference has the mean's sign."]
+    if crossed:
+        notes.append("Interaction: in a 2 x 2 of window and gate at one learning rate, the gate's effect with the "
+                     "window minus its effect without, seed by seed over the seeds all four rows have; 0 where the two "
+                     "effects add, negative where together they gain more than the sum of each alone.")
     if unpaired:
         notes.append(f"Not paired, no seed in common: {', '.join(unpaired)}.")
-    return ["\n".join(lines)] + notes
+    return ["\n".join(lines + crossed)] + notes
 
 
 # -----------------------------------------------------------------------------

@@ -165,6 +165,25 @@ def test_compare_pairs_chosen_rows_and_counts_the_seeds_that_agree(tmp_path):
                                   "-0.3202 to +0.2535 | 2/3 |"]
 
 
+def test_compare_gives_the_interaction_of_a_two_by_two_by_seed(tmp_path):
+    """baseline, window, gate and gated at one rate: interaction (gated - gate) - (window - baseline) per seed over
+    the seeds all four have: seed 0: (3.6 - 3.7) - (4.0 - 4.0) = -0.1; seed 1: (3.5 - 3.8) - (4.2 - 4.1) = -0.4;
+    seed 2 lacks gate. Mean -0.25, sample std 0.2121, half-width t(0.975, 1) 12.7062 x 0.2121 / sqrt(2) = 1.9059.
+    const (windowed, gated by a constant) has no gate-alone corner, so no 2 x 2; nor has the other rate's baseline."""
+    for seed, losses in enumerate([(4.0, 4.0, 3.7, 3.6), (4.1, 4.2, 3.8, 3.5), (4.3, 4.3, None, 3.7)]):
+        for (name, window, gate), loss in zip([("baseline", 0, "none"), ("window", 256, "none"),
+                                               ("gate", 0, "head"), ("gated", 256, "head")], losses):
+            if loss is not None:
+                write_summary(tmp_path, f"{name}{seed}", name, loss, seed, window=window, gate=gate)
+        write_summary(tmp_path, f"const{seed}", "const", 3.9, seed, window=256, gate="const")
+    write_summary(tmp_path, "b-lr", "baseline", 4.5, 0, lr=2e-3)
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    (line,) = [line for line in paired_lines(text) if "interaction" in line]
+    assert line == ("| interaction: (gated − gate) − (window − baseline@0.001) | 0,1 | 2 | -0.1000, -0.4000 | -0.2500 "
+                    "| -2.1559 to +1.6559 | 2/2 |")
+    assert "Interaction: in a 2 x 2 of window and gate at one learning rate" in text
+
+
 @pytest.mark.parametrize("pairs, message", [
     ("gated", "--pairs gated: expected ROW:ROW"),
     ("gated:nope", "--pairs nope: no such row; the rows are baseline@0.001, baseline@0.002, gated"),
