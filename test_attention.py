@@ -189,7 +189,8 @@ def test_fp8_output_layer_against_float64():
 
 def test_fp8_loss_in_the_model_matches_the_plain_loss():
     """GPT with loss_kernel "fp8" computes the plain loss's value and gradients, from the same weights, within FP8's
-    rounding, and the tied embedding's gradient still holds both the input's and the output layer's share."""
+    rounding, and the tied embedding's gradient still holds both the input's and the output layer's share. Without a
+    gradient (evaluation) it computes the plain loss exactly, so val losses compare across --loss."""
     cfg = tg.ModelConfig(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128,
                          seq_len=64, window=16, gate="head")
     torch.manual_seed(0)
@@ -198,9 +199,12 @@ def test_fp8_loss_in_the_model_matches_the_plain_loss():
     for loss_kernel in ("plain", "fp8"):
         torch.manual_seed(1)
         model = tg.GPT(cfg, loss_kernel)
+        with torch.no_grad():
+            evaluated = model(idx, targets, model.masks(64, CPU)).item()
         loss = model(idx, targets, model.masks(64, CPU))
         loss.backward()
-        results[loss_kernel] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
+        results[loss_kernel] = loss.item(), {n: p.grad for n, p in model.named_parameters()}, evaluated
+    assert results["fp8"][2] == results["plain"][2] == results["plain"][0]
     assert abs(results["fp8"][0] - results["plain"][0]) < 1e-3 * results["plain"][0]
     for name, plain in results["plain"][1].items():
         error = ((results["fp8"][1][name] - plain).norm() / plain.norm()).item()
@@ -219,6 +223,8 @@ def test_fp8_scales_are_powers_of_two_that_fill_the_range():
         assert math.log2(scale) == round(math.log2(scale))
         assert torch.finfo(dtype).max / 2 < 0.0071 * scale <= torch.finfo(dtype).max
         assert torch.allclose(t8.float() * inverse, t, rtol=0.13)
+        zeros, inverse = tg.to_fp8(torch.zeros(3), dtype)  # an all-zero gradient stays zeros, its inverse finite
+        assert not zeros.float().any() and torch.isfinite(inverse) and inverse > 0
 
 
 # --- attention paths against the reference -------------------------------------------------------
@@ -627,6 +633,27 @@ def test_gpu_compiled_fp8_output_layer_against_float64():
     assert abs(loss.item() - loss64.item()) < 1e-2 * loss64.item()
     for name, a, b in (("grad x", x.grad, x64.grad), ("grad weight", weight.grad, w64.grad)):
         assert 1e-3 < ((a.double() - b).norm() / b.norm()).item() < FP8, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with FP8 matrix products")
+def test_gpu_compiled_model_with_the_fp8_loss_against_the_plain_loss():
+    """The default gated model, compiled under bf16 autocast as training runs it: --loss fp8's loss and gradients
+    against the plain loss's from the same weights (the model's own layouts and dtypes reach _scaled_mm here)."""
+    device = torch.device("cuda")
+    cfg = tg.ModelConfig(window=256, gate="head")
+    idx, targets = torch.randint(0, 50257, (2, 8, 1024), device=device)
+    results = {}
+    for loss_kernel in ("plain", "fp8"):
+        torch.manual_seed(0)
+        model = tg.GPT(cfg, loss_kernel).to(device)
+        with tg.autocast(device):
+            loss = torch.compile(model, dynamic=False)(idx, targets, model.masks(1024, device, "flex"))
+        loss.backward()
+        results[loss_kernel] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert abs(results["fp8"][0] - results["plain"][0]) < 1e-2
+    error = ((results["fp8"][1] - results["plain"][1]).norm() / results["plain"][1].norm()).item()
+    assert 1e-3 < error < FP8, error
 
 
 @fa4

@@ -520,12 +520,13 @@ class GPT(nn.Module):
         (check_loss) it is liger-kernel's fused linear cross-entropy, which computes the logits a chunk of tokens at
         a time, so the (B * T, vocab) float32 logits never exist at once: the same value, gradients within bf16
         rounding, in a quarter of the memory (bench.py's loss table). With "fp8" the output layer's products run in
-        FP8 (fp8_linear): not the same arithmetic, a speed option whose training is checked against bf16 runs."""
+        FP8 (fp8_linear) when there is a backward pass: not the same arithmetic, a speed option whose training is
+        checked against bf16 runs; evaluation (no gradient) stays plain, so val losses compare across losses."""
         x = self.hidden(idx, masks)
         if self.loss_kernel == "fused":
             return fused_linear_cross_entropy(self.embed.weight.to(torch.bfloat16), x.flatten(0, 1).to(torch.bfloat16),
                                               targets.flatten())
-        if self.loss_kernel == "fp8":
+        if self.loss_kernel == "fp8" and torch.is_grad_enabled():
             logits = fp8_linear(x.flatten(0, 1), self.embed.weight)
         else:
             logits = F.linear(x, self.embed.weight).flatten(0, 1)
@@ -553,9 +554,10 @@ def to_fp8(t, dtype):
     """t scaled by a power of two that brings its largest magnitude just under dtype's largest, then cast to dtype;
     returns it with the inverse scale (a float32 scalar) that undoes it. A power of two scales exactly, so the cast is
     the only rounding. The scale follows the tensor every call, so nothing overflows."""
-    largest = t.detach().abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny)
-    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / largest)))
-    return (t.float() * scale).to(dtype), scale.reciprocal()
+    largest = t.detach().abs().amax().float()
+    # at most 2^100, so an all-zero tensor stays zeros (its scale would be infinite) and the inverse stays finite
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / largest)).clamp(max=100))
+    return (t * scale.to(t.dtype)).to(dtype), scale.reciprocal()  # in t's dtype: exact, and no float32 copy of t
 
 
 class FP8Linear(torch.autograd.Function):
@@ -575,7 +577,7 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8(grad, torch.float8_e5m2)
+        g8, g_inv = to_fp8(grad.contiguous(), torch.float8_e5m2)
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.x_dtype)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
                                   out_dtype=torch.float32)
@@ -1347,8 +1349,11 @@ def main(argv=None):
     stop, stop_signal, failure = StopSignals(), 0, None
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
+        evaluating = last_step or (args.val_every > 0 and step % args.val_every == 0)
+        if evaluating and device.type == "cuda":
+            torch.cuda.synchronize()  # the last step's optimizer work is not the evaluation's time
         eval_started = time.perf_counter()
-        if last_step or (args.val_every > 0 and step % args.val_every == 0):
+        if evaluating:
             val_loss = evaluate(model, val_loader, val_steps, masks)
             print0(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} train_time:{train_time:.1f}s")
             probe_started = time.perf_counter()  # evaluate and probe end on .item(): the GPU is done at each clock

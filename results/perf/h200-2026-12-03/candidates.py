@@ -10,7 +10,8 @@ joined by +: ref (train_gpt's model as it is), qkvg (q, k, v and the gate's W_g 
 product split by views), qkvg8 (the same, its width rounded up to a multiple of 8 with zero rows that nothing
 reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad (the gate's own product padded to a
 multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), bf16 (the residual
-stream kept in the autocast dtype from the embedding on). MODE: torch.compile's mode (default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune).
+stream kept in the autocast dtype from the embedding on). MODE: torch.compile's mode (default, reduce-overhead,
+max-autotune-no-cudagraphs, max-autotune).
 
 Every variant starts from the reference's weights copied into its layout, so the first step's loss and gradients
 must agree with the reference's to rounding (the table's last columns; a layout bug shows as an error near 1). The
@@ -91,8 +92,8 @@ def parse_variant(spec: str) -> Variant:
 
 class PaddedGate(tg.Gate):
     """train_gpt's Gate, its product padded at call time with zero rows to a multiple of ALIGN outputs (16 for the
-    head gate's 12) and sliced back: 16-byte rows for cuBLAS's fast kernels instead of 24-byte ones. The same
-    parameters; the padded outputs' gradients are zero, so the weight's gradient is the reference's."""
+    head gate's 12) and sliced back: output rows of 32 bytes, a multiple of 16 as cuBLAS's fast kernels want, not 24.
+    The same parameters; the padded outputs' gradients are zero, so the weight's gradient is the reference's."""
 
     def forward(self, x):
         if self.weight is None:
