@@ -192,24 +192,25 @@ def parse_pairs(text, groups, labels):
     return pairs
 
 
-def interactions(groups):
+def interactions(groups, labels):
     """The 2 x 2s among the rows: for each windowed, gated row, the rows at its learning rate with neither (full
-    attention, no gate), the window alone and the gate alone, where each of the three is one row. As (coefficient,
-    row) terms of the interaction, (window and gate - gate alone) - (window alone - neither): how much the window
-    changes the gate's effect, 0 where the two effects add."""
-    found = []
+    attention, no gate), the window alone and the gate alone. As (coefficient, row) terms of the interaction,
+    (window and gate - gate alone) - (window alone - neither): how much the window changes the gate's effect, 0 where
+    the two effects add. Also notes on the 2 x 2s left out because a corner has several rows to choose from (a
+    missing corner only means the rows are not a 2 x 2, as for const and scalar)."""
+    found, ambiguous = [], []
     for key in groups:
         _, window, gate, lr = key
         if not window or gate == "none":
             continue
-        corners = []
-        for corner in ((0, "none"), (window, "none"), (0, gate)):
-            matches = [k for k in groups if (k[1], k[2], k[3]) == (*corner, lr)]
-            corners.append(matches[0] if len(matches) == 1 else None)
-        if None not in corners:
-            neither, window_alone, gate_alone = corners
+        corners = [[k for k in groups if (k[1], k[2], k[3]) == (*corner, lr)]
+                   for corner in ((0, "none"), (window, "none"), (0, gate))]
+        if all(corners) and any(len(matches) > 1 for matches in corners):
+            ambiguous.append(f"{labels[key]} ({' or '.join(labels[k] for k in max(corners, key=len))})")
+        elif all(corners):
+            (neither,), (window_alone,), (gate_alone,) = corners
             found.append([(1, key), (-1, gate_alone), (-1, window_alone), (1, neither)])
-    return found
+    return found, ambiguous
 
 
 def contrast_row(name, terms, groups):
@@ -244,10 +245,11 @@ def paired_table(groups, labels, pairs, chosen):
             unpaired.append(name)
             continue
         lines.append(line)
-    crossed = [line for terms in interactions(groups)
+    crosses, ambiguous = interactions(groups, labels)
+    crossed = [line for terms in crosses
                if (line := contrast_row("interaction: ({} − {}) − ({} − {})".format(*(labels[k] for _, k in terms)),
                                         terms, groups))]
-    if len(lines) == 2 and not crossed:
+    if len(lines) == 2 and not crossed and not ambiguous:
         return []
     notes = ["Paired: the first row's val loss minus the second's, seed by seed over the seeds both have (the same "
              "seed: the same initial weights and data order); negative means the first row's is lower. Mean with its "
@@ -257,6 +259,9 @@ def paired_table(groups, labels, pairs, chosen):
         notes.append("Interaction: in a 2 x 2 of window and gate at one learning rate, the gate's effect with the "
                      "window minus its effect without, seed by seed over the seeds all four rows have; 0 where the two "
                      "effects add, negative where together they gain more than the sum of each alone.")
+    if ambiguous:
+        notes.append("No interaction for " + "; ".join(ambiguous) + ": a corner of its 2 x 2 has several rows (by "
+                     "window, gate and learning rate); compare those rows with --pairs.")
     if unpaired:
         notes.append(f"Not paired, no seed in common: {', '.join(unpaired)}.")
     return ["\n".join(lines + crossed)] + notes

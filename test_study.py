@@ -182,6 +182,12 @@ def test_compare_gives_the_interaction_of_a_two_by_two_by_seed(tmp_path):
     assert line == ("| interaction: (gated − gate) − (window − baseline@0.001) | 0,1 | 2 | -0.1000, -0.4000 | -0.2500 "
                     "| -2.1559 to +1.6559 | 2/2 |")
     assert "Interaction: in a 2 x 2 of window and gate at one learning rate" in text
+    assert "No interaction for" not in text
+    write_summary(tmp_path, "other0", "other", 4.0, 0)  # a second full-attention, ungated row at the rate
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert not [line for line in paired_lines(text) if "interaction" in line]
+    assert ("No interaction for gated (baseline@0.001 or other): a corner of its 2 x 2 has several rows (by window, "
+            "gate and learning rate); compare those rows with --pairs.") in text
 
 
 @pytest.mark.parametrize("pairs, message", [
