@@ -326,8 +326,8 @@ def main():
     if "loss" in args.tables:
         loss_table(args.tokens, device)
     if "step" in args.tables:
-        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","), args.loss.split(","),
-                   args.peak_tflops, args.profile, device)
+        step_table(seq_lens or [1024, 4096, 8192, 16384], args.tokens, backends, args.presets.split(","),
+                   args.loss.split(","), args.peak_tflops, args.profile, device)
 
 
 if __name__ == "__main__":

@@ -205,9 +205,11 @@ def interactions(groups, labels):
             continue
         corners = [[k for k in groups if (k[1], k[2], k[3]) == (*corner, lr)]
                    for corner in ((0, "none"), (window, "none"), (0, gate))]
-        if all(corners) and any(len(matches) > 1 for matches in corners):
+        if not all(corners):
+            continue
+        if any(len(matches) > 1 for matches in corners):
             ambiguous.append(f"{labels[key]} ({' or '.join(labels[k] for k in max(corners, key=len))})")
-        elif all(corners):
+        else:
             (neither,), (window_alone,), (gate_alone,) = corners
             found.append([(1, key), (-1, gate_alone), (-1, window_alone), (1, neither)])
     return found, ambiguous
