@@ -586,7 +586,7 @@ class FP8Linear(torch.autograd.Function):
 
 def fp8_linear(x, weight):
     """--loss fp8's output layer, x (N, d) @ weight (V, d)^T in FP8 (FP8Linear): the largest product of the step
-    (6 x d x vocab FLOPs a token), at FP8's rate, twice bf16's on an H100 or H200. Every dimension a multiple of 16."""
+    (6 x d x vocab FLOPs a token), on the FP8 tensor cores of an H100 or newer. Every dimension a multiple of 16."""
     return FP8Linear.apply(x, weight)
 
 
