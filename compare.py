@@ -302,11 +302,16 @@ def describe(runs, label_of):
 
 def provenance_notes(groups, labels):
     """A note naming the runs where their commit, code or data differ, and one naming the runs whose provenance is
-    unknown (written before train_gpt.py recorded it)."""
+    unknown (written before train_gpt.py recorded it). Where every run's code has the same sha256, the commits are
+    not compared: the same code ran, from checkouts that differ elsewhere (a study run from a pinned copy of the
+    code records the checkout's commit, docs/studies.md)."""
     label_of = {id(r): labels[key] for key, members in groups.items() for r in members}
     runs = [r for members in groups.values() for r in members]
+    codes = {r["provenance"].get("code_sha256") if "provenance" in r else None for r in runs}
+    fields = [f for f in PROVENANCE if not (len(codes) == 1 and None not in codes and f in ("git_commit", "git_dirty"))]
     differing = []
-    for field, (what, digits) in PROVENANCE.items():
+    for field in fields:
+        what, digits = PROVENANCE[field]
         by_value = {}
         for r in runs:
             if "provenance" in r:

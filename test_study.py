@@ -242,16 +242,28 @@ def test_compare_notes_runs_of_other_code_or_data_and_unknown_provenance(tmp_pat
     write_summary(tmp_path, "b1", "baseline", 5.0, 1, **provenance())
     write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance())
     write_summary(tmp_path, "g1", "gated", 5.0, 1, window=256, gate="head",
-                  **provenance(commit="9f8e7d6c5b4a", dirty=True, train="0" * 64))
+                  **provenance(commit="9f8e7d6c5b4a", dirty=True, code="d" * 64, train="0" * 64))
     text = compare.table(compare.load_runs([str(tmp_path)]))
     assert ("Caution: these runs were not trained from the same code and data; commit: 1a2b3c4 (baseline seeds 0,1; "
             "gated seed 0), 9f8e7d6 (gated seed 1); uncommitted changes: no (baseline seeds 0,1; gated seed 0), "
-            "yes (gated seed 1); train data: tttttttttttt (baseline seeds 0,1; gated seed 0), 000000000000 (gated "
-            "seed 1).") in text
+            "yes (gated seed 1); code: cccccccccccc (baseline seeds 0,1; gated seed 0), dddddddddddd (gated seed 1); "
+            "train data: tttttttttttt (baseline seeds 0,1; gated seed 0), 000000000000 (gated seed 1).") in text
     assert "unknown" not in text
     write_summary(tmp_path, "g2", "gated", 5.0, 2, window=256, gate="head")
     text = compare.table(compare.load_runs([str(tmp_path)]))
     assert "Provenance unknown (no commit, code or data fingerprints in summary.json): gated seed 2." in text
+
+
+def test_compare_same_code_from_other_commits_needs_no_note(tmp_path):
+    # a study run from a pinned copy of the code records the checkout's commit, which moves on between sessions
+    write_summary(tmp_path, "b0", "baseline", 5.0, 0, **provenance())
+    write_summary(tmp_path, "g0", "gated", 5.0, 0, window=256, gate="head", **provenance(commit="9f8e7d6c5b4a"))
+    assert "Caution" not in compare.table(compare.load_runs([str(tmp_path)]))
+    write_summary(tmp_path, "g1", "gated", 5.0, 1, window=256, gate="head",
+                  **provenance(commit="9f8e7d6c5b4a", code="d" * 64))
+    text = compare.table(compare.load_runs([str(tmp_path)]))
+    assert "commit: 1a2b3c4 (baseline seed 0), 9f8e7d6 (gated seeds 0,1)" in text
+    assert "code: cccccccccccc (baseline seed 0; gated seed 0), dddddddddddd (gated seed 1)" in text
 
 
 def test_compare_same_provenance_needs_no_note(tmp_path):
