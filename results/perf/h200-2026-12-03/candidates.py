@@ -12,7 +12,9 @@ reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad 
 multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), bf16 (the residual
 stream kept in the autocast dtype from the embedding on), ce (the output layer and cross-entropy as one autograd
 Function that computes the logits' gradient in the forward pass: LinearCrossEntropy). MODE: torch.compile's mode
-(default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune).
+(default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune), or coordinate-descent: the default mode with
+inductor's coordinate_descent_tuning, which tunes the block sizes of its own elementwise and reduction kernels (the
+step's ~35 ms of them) and leaves the matrix products to cuBLAS.
 
 Every variant starts from the reference's weights copied into its layout, so the first step's loss and gradients
 must agree with the reference's to rounding (the table's last columns; a layout bug shows as an error near 1). The
@@ -45,14 +47,14 @@ import train_gpt as tg  # noqa: E402  (found through REPO, from any working dire
 
 MODELS = {"gated": dict(window=256, gate="head"), "baseline": dict(window=0, gate="none")}
 PARTS = ("ref", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "bf16", "ce")
-MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune", "coordinate-descent")
 # Most promising first, since the budget cuts the list's end. The first measurement (flex.md, whose header lists its
 # variants) ran the fused layouts with and without the bf16 residual, CUDA graphs, each fusion alone and the baseline:
 # stacking paid only when its width was a multiple of 8, and the bf16 residual paid. The second (fa4.md) timed each
 # alone: the bf16 residual 1.052x, the aligned stacks and the padded gate 1 to 2%. So now the bf16 residual as the
 # base, with the loss computed as LinearCrossEntropy, and with the stacks.
 DEFAULT_VARIANTS = ("gated:ref", "gated:bf16", "gated:bf16+ce", "gated:qkv+gatepad+bf16+ce", "gated:qkvg8+bf16+ce",
-                    "baseline:ref", "baseline:bf16+ce", "baseline:qkv+bf16+ce")
+                    "gated:bf16+ce@coordinate-descent", "baseline:ref", "baseline:bf16+ce", "baseline:qkv+bf16+ce")
 TINY = dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 TINY_BATCH, TINY_WINDOW = 4, 16
 ALIGN = 8  # bf16 elements in 16 bytes: the alignment of row strides that cuBLAS's fast kernels and TMA need
@@ -353,8 +355,12 @@ def measure(variant: Variant, ctx, is_reference: bool, reference) -> dict:
     masks = model.masks(cfg.seq_len, device, ctx.backend)
     compiled, cudagraphs = model, False
     if ctx.compile:
-        mode = None if variant.mode == "default" else variant.mode
-        compiled = torch.compile(model, dynamic=False, mode=mode, backend=args.compile_backend)
+        if variant.mode == "coordinate-descent":
+            compiled = torch.compile(model, dynamic=False, backend=args.compile_backend,
+                                     options={"coordinate_descent_tuning": True})
+        else:
+            mode = None if variant.mode == "default" else variant.mode
+            compiled = torch.compile(model, dynamic=False, mode=mode, backend=args.compile_backend)
         cudagraphs = variant.mode in ("reduce-overhead", "max-autotune")
     elif variant.mode != "default":
         result["note"] = f"mode {variant.mode} not applied: compile is off"
