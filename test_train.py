@@ -45,8 +45,11 @@ def only_run_dir(parent):
 
 
 def test_tiny_gated_model_learns_and_logs(tmp_path):
-    """Starts at ln(vocab) and clearly learns; the run directory holds everything the README promises."""
-    summary = tg.main(tiny_run(tmp_path, "--steps", "40", "--val-every", "20", "--window", "32", "--gate", "head"))
+    """Starts at ln(vocab) and clearly learns; the run directory holds everything the README promises.
+    Steps of 256 tokens (2 sequences) and evaluations on 1024: 40 steps take the validation loss down by about 3.8
+    (seeds 0, 1, 2: 3.75 to 3.81), well past the 2.5 asked for, at an eighth of the tokens of steps of 2048."""
+    summary = tg.main(tiny_run(tmp_path, "--steps", "40", "--val-every", "20", "--window", "32", "--gate", "head",
+                               "--batch-tokens", "256", "--micro-batch-tokens", "256", "--val-tokens", "1024"))
     run_dir = only_run_dir(tmp_path)
     evals = [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
     assert len(evals) == 3
@@ -57,7 +60,7 @@ def test_tiny_gated_model_learns_and_logs(tmp_path):
     assert all(e > 0 and p > 0 for e, p in timed) and sum(map(sum, timed)) <= summary["eval_time_s"], timed
     for key in ("val_loss", "train_time_s", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "params", "window", "gate"):
         assert key in summary
-    assert summary["tokens"] == 40 * 2048 and summary["window"] == 32 and summary["gate"] == "head"
+    assert summary["tokens"] == 40 * 256 and summary["window"] == 32 and summary["gate"] == "head"
     for name in ("train_gpt.py", "fa4_ops.py"):  # the code that ran, the file train_gpt.py imports included
         with open(os.path.join(run_dir, name)) as f, open(os.path.join(HERE, name)) as g:
             assert f.read() == g.read()
@@ -198,11 +201,12 @@ def test_data_seed_sets_the_order_and_validation_reads_in_order(tmp_path):
 
 
 def test_train_gpt_data_seed_defaults_to_seed(tmp_path):
-    """--data-seed changes the training data and leaves the initial weights; -1 (the default) reads as --seed does."""
+    """--data-seed changes the training data and leaves the initial weights; -1 (the default) reads as --seed does.
+    Only the first step's loss is read: one micro-batch a step, and the least validation (the run's final one)."""
     first_losses = {}
     for name, extra in {"seed0": [], "data1": ["--data-seed", "1"], "same": ["--data-seed", "0"]}.items():
         tg.main(tiny_run(tmp_path / name, "--steps", "1", "--warmup-steps", "0", "--cooldown-steps", "0", "--val-every", "0",
-                            *extra))
+                            "--batch-tokens", "1024", "--val-tokens", "1024", *extra))
         first_losses[name] = read_metrics(only_run_dir(tmp_path / name))[0]["train_loss"]
     assert first_losses["seed0"] == first_losses["same"] != first_losses["data1"]
 
@@ -379,9 +383,12 @@ def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):
 def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
     """--eval-seq-lens evaluates the trained model on the same validation tokens cut into longer (or shorter)
     sequences, with rotary tables continued past the training length: each loss equals the mean loss of the model
-    computed here by hand on those sequences, and is recorded in summary.json and metrics.jsonl."""
-    summary = tg.main(tiny_run(tmp_path, "--steps", "6", "--val-every", "0", "--window", "32", "--gate", "head",
-                               "--eval-seq-lens", "64,512"))
+    computed here by hand on those sequences, and is recorded in summary.json and metrics.jsonl. Two steps of 1024
+    tokens move the weights off their initial values; 2048 validation tokens are two micro-batches at every length."""
+    val_tokens = 2048
+    summary = tg.main(tiny_run(tmp_path, "--steps", "2", "--warmup-steps", "1", "--cooldown-steps", "1",
+                               "--batch-tokens", "1024", "--val-tokens", str(val_tokens), "--val-every", "0",
+                               "--window", "32", "--gate", "head", "--eval-seq-lens", "64,512"))
     run_dir = only_run_dir(tmp_path)
     losses = summary["val_loss_by_seq_len"]
     assert list(losses) == ["128", "64", "512"] and losses["128"] == summary["val_loss"]
@@ -393,7 +400,7 @@ def test_evaluation_at_other_lengths_cuts_the_same_validation_tokens(tmp_path):
     assert summary["provenance"] == {**recorded, "train_data": recorded["train_data"]["sha256"],
                                      "val_data": recorded["val_data"]["sha256"]}
     model = sample.load_model(run_dir, CPU)
-    tokens = torch.from_numpy(tg.load_shard(glob.glob(SAMPLE_VAL)[0], 50304)[:8193].astype(np.int64))
+    tokens = torch.from_numpy(tg.load_shard(glob.glob(SAMPLE_VAL)[0], 50304)[:val_tokens + 1].astype(np.int64))
     for length in (64, 512):
         inputs, targets = tokens[:-1].view(-1, length), tokens[1:].view(-1, length)
         with torch.no_grad():
