@@ -226,14 +226,24 @@ def test_loader_refuses_shards_smaller_than_a_batch(tmp_path):
 
 def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_path):
     """torchrun with 2 gloo ranks and 1 process with 2 accumulation steps train on the same tokens: same losses.
-    Under torchrun only rank 0 prints and writes: one run directory, and stdout is its log, each line once."""
-    flags = tiny_run(tmp_path, "--steps", "6", "--val-every", "0", "--window", "32", "--gate", "head")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    Under torchrun only rank 0 prints and writes: one run directory, and stdout is its log, each line once.
+    3 steps (the update of each step feeds the next) and a final evaluation of 2048 tokens, one micro-batch a rank.
+    The two runs start together: each mostly imports torch on one core at first."""
+    flags = tiny_run(tmp_path, "--steps", "3", "--warmup-steps", "1", "--cooldown-steps", "1", "--val-tokens", "2048",
+                     "--val-every", "0", "--window", "32", "--gate", "head")
+    from test_reliability import ENV  # one thread per process, and run.sh's allocator settings (speed only)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    runs = {name: subprocess.Popen([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
+                                   env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, command in (("ddp", launch), ("single", [sys.executable]))}
     stdout = {}
-    for name, command in (("ddp", launch), ("single", [sys.executable])):
-        stdout[name] = subprocess.run([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
-                                      check=True, env=env, capture_output=True, text=True, timeout=600).stdout
+    try:
+        for name, process in runs.items():
+            stdout[name], stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in runs.values():
+            process.kill()
     run_dirs = {name: [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith(name)]
                 for name in ("ddp", "single")}
     assert [len(dirs) for dirs in run_dirs.values()] == [1, 1]
@@ -241,7 +251,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_p
         assert stdout["ddp"] == f.read()
     losses = {name: [m.get("train_loss", m.get("val_loss")) for m in read_metrics(dirs[0])]
               for name, dirs in run_dirs.items()}
-    assert len(losses["ddp"]) == 7  # 6 steps and the final evaluation
+    assert len(losses["ddp"]) == 4  # 3 steps and the final evaluation
     np.testing.assert_allclose(losses["ddp"], losses["single"], rtol=1e-5)
 
 
