@@ -24,6 +24,10 @@ CPU = torch.device("cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_TRAIN = os.path.join(HERE, "data/sample/austen_train_*.bin")
 SAMPLE_VAL = os.path.join(HERE, "data/sample/austen_val_*.bin")
+# run.sh's allocator settings (its demo's; conftest.py sets them in this process), for the subprocesses that
+# train: on the CPU they about halve a tiny model's step time and change nothing else
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000",
+              "MALLOC_TOP_PAD_": "1000000000"}
 TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--head-dim", "16",
         "--mlp-hidden", "128", "--seq-len", "128", "--micro-batch-tokens", "1024", "--compile", "false"]
 
@@ -231,10 +235,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_p
     The two runs start together: each mostly imports torch on one core at first."""
     flags = tiny_run(tmp_path, "--steps", "3", "--warmup-steps", "1", "--cooldown-steps", "1", "--val-tokens", "2048",
                      "--val-every", "0", "--window", "32", "--gate", "head")
-    from test_reliability import ENV  # one thread per process, and run.sh's allocator settings (speed only)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     runs = {name: subprocess.Popen([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
-                                   env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name, command in (("ddp", launch), ("single", [sys.executable]))}
     stdout = {}
     try:
@@ -256,7 +260,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_p
 
 
 def run_sh(tmp_path, *args, ngpu="1"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": ngpu}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": ngpu, **MALLOC_ENV}
     return subprocess.run(["bash", os.path.join(HERE, "run.sh"), *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -329,9 +333,10 @@ def test_run_sh_compare_trains_each_arm_for_each_seed_two_at_once_and_writes_the
     assert "| baseline | full | none |" in table and "| gated | 256 | head |" in table and "4.6498" in table
 
 
-def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path):
+def test_run_sh_ablate_runs_the_chosen_arms_including_mix(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the two arms at once on the CPU (each run takes one core)
     tiny = study_flags(tmp_path)
-    done = run_sh(tmp_path, "ablate", "--arms", "gated-64,mix", "--log-dir", str(tmp_path), *tiny)
+    done = run_sh(tmp_path, "ablate", "--arms", "gated-64,mix", "--log-dir", str(tmp_path), *tiny, ngpu="2")
     assert done.returncode == 0, done.stderr
     study, runs = study_summaries(tmp_path)
     assert runs == [("gated-64", 0), ("mix", 0)]
@@ -361,7 +366,7 @@ def test_run_sh_study_needs_a_gpu_for_each_run_at_once(tmp_path):
 def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest(tmp_path):
     flags = study_flags(tmp_path)
     flags[flags.index("--steps") + 1] = "1000"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", **MALLOC_ENV}
     study = subprocess.Popen(["bash", os.path.join(HERE, "run.sh"), "compare", "--seeds", "0,1", "--log-dir",
                               str(tmp_path), *flags, "--cooldown-steps", "1"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -382,10 +387,11 @@ def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest
     assert not list(tmp_path.glob("compare-*/gated-*/"))
 
 
-def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path):
+def test_run_sh_study_stops_with_the_failed_runs_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # both runs at once on the CPU (each run takes one core)
     tiny = study_flags(tmp_path)
     done = run_sh(tmp_path, "compare", "--seeds", "0", "--log-dir", str(tmp_path), *tiny, "--val-files",
-                  str(tmp_path / "none_*.bin"))
+                  str(tmp_path / "none_*.bin"), ngpu="2")
     assert done.returncode == 1
     assert "run baseline, seed 0 failed" in done.stderr and "none_*.bin' matches no files" in done.stderr
 
