@@ -2,9 +2,11 @@
 
     python -m pytest -q test_reliability.py
 """
+import contextlib
 import errno
 import fcntl
 import glob
+import io
 import json
 import os
 import re
@@ -48,6 +50,20 @@ def train(*args, launcher=(sys.executable,)):
     return run([*launcher, SCRIPT, *args])
 
 
+def train_here(*args):
+    """train_gpt.main(args) in this process, with one thread as run() gives its subprocesses, so it sums in the same
+    order as they do; returns its stdout. For runs whose process is not what a test tests (no signal, no torchrun):
+    it saves a subprocess's imports."""
+    threads, stdout = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            tg.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return stdout.getvalue()
+
+
 def run_dir_in(output):
     return re.search(r"^run (\S+):", output, re.M)[1]
 
@@ -80,8 +96,9 @@ def resume_command(output):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The run directory of a run that never stops, with a checkpoint every 3 steps, all kept."""
-    return run_dir_in(train(*flags(tmp_path_factory.mktemp("uninterrupted"), "--save-every", "3",
+    """The run directory of a run that never stops, with a checkpoint every 3 steps, all kept (trained in this
+    process: the subprocesses that resume its checkpoints compute bit for bit the same losses)."""
+    return run_dir_in(train_here(*flags(tmp_path_factory.mktemp("uninterrupted"), "--save-every", "3",
                                    "--keep-checkpoints", "0")))
 
 
@@ -113,7 +130,7 @@ def test_resume_gives_the_losses_of_the_run_that_never_stopped(uninterrupted):
 
     before = files()
     checkpoint = tg.checkpoint_path(uninterrupted, 3)
-    resumed = run_dir_in(train(*flags(log_dir, "--resume", checkpoint)))
+    resumed = run_dir_in(train_here(*flags(log_dir, "--resume", checkpoint)))
     assert resumed != uninterrupted and os.path.dirname(resumed) == log_dir
     assert files() == before
     full, after = losses(uninterrupted), losses(resumed)
