@@ -306,7 +306,8 @@ def test_resume_allows_a_longer_schedule_and_another_micro_batch_or_world_size(u
 
 def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 143 and prints the command
-    that resumes; that command finishes the run with every loss equal to the uninterrupted run's."""
+    that resumes; that command finishes the run with every loss equal to the uninterrupted run's (train_gpt.main()
+    with its arguments, in this process: the resume is no signal's business, and the stopped run is a process)."""
     code, output = stop_with_sigterm([sys.executable, SCRIPT, *flags(tmp_path)], tmp_path / "stopped.txt")
     assert code == 128 + signal.SIGTERM, output[-3000:]
     stop_step = int(re.search(r"stopped by SIGTERM after step (\d+)", output)[1])
@@ -314,7 +315,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(unint
     assert 1 <= stop_step < STEPS and tg.run_checkpoints(stopped) == [tg.checkpoint_path(stopped, stop_step)]
     command = resume_command(output)
     assert command == [sys.executable, os.path.relpath(SCRIPT), "--resume", tg.checkpoint_path(stopped, stop_step)]
-    resumed = run_dir_in(train("--resume", stopped))  # the run directory alone: its config is in the checkpoint
+    resumed = run_dir_in(train_here("--resume", stopped))  # the run directory alone: its config is in the checkpoint
     full = losses(uninterrupted)
     assert resumed != stopped and {**losses(stopped), **losses(resumed)} == full
 
