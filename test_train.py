@@ -301,11 +301,31 @@ def study_summaries(tmp_path):
     return study, sorted((r["run_name"], r["seed"]) for r in runs)
 
 
-@pytest.mark.parametrize("preset, window, gate", [("baseline", 0, "none"), ("gated", 256, "head")])
-def test_run_sh_single_run_presets_train_their_attention(tmp_path, preset, window, gate):
-    done = run_sh(tmp_path, preset, *study_flags(tmp_path), "--log-dir", str(tmp_path))
-    assert done.returncode == 0, done.stderr
-    (run_dir,) = tmp_path.glob(f"{preset}-*")
+PRESETS = [("baseline", 0, "none"), ("gated", 256, "head")]
+
+
+@pytest.fixture(scope="module")
+def preset_runs(tmp_path_factory):
+    """{preset: (its --log-dir, its ./run.sh PRESET process)} for each of PRESETS, all started together when the first
+    test asks: each run is mostly torchrun's and its worker's imports, on one core. Each test waits for its own."""
+    runs = {}
+    for preset, _, _ in PRESETS:
+        log_dir = tmp_path_factory.mktemp(f"preset-{preset}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", **MALLOC_ENV}  # run_sh's
+        runs[preset] = log_dir, subprocess.Popen(
+            ["bash", os.path.join(HERE, "run.sh"), preset, *study_flags(log_dir), "--log-dir", str(log_dir)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield runs
+    for _, process in runs.values():  # a run no test waited for (one preset selected) still finishes, not orphaned
+        process.communicate(timeout=600)
+
+
+@pytest.mark.parametrize("preset, window, gate", PRESETS)
+def test_run_sh_single_run_presets_train_their_attention(preset_runs, preset, window, gate):
+    log_dir, process = preset_runs[preset]
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    (run_dir,) = log_dir.glob(f"{preset}-*")
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["run_name"], config["window"], config["gate"]) == (preset, window, gate)
 
