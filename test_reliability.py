@@ -364,10 +364,18 @@ def rank_1_worker(agent_pid):
 def test_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
     """Under torchrun with 2 gloo ranks, SIGTERM to rank 1 alone stops both ranks after the same step with a
     checkpoint (torchrun's own SIGTERM reaches every worker: the easier case); the resume, again under torchrun,
-    computes bit for bit the losses of an uninterrupted torchrun run."""
-    full = losses(run_dir_in(train(*flags(tmp_path / "full"), launcher=TORCHRUN)))
-    code, output = stop_with_sigterm([*TORCHRUN, SCRIPT, *flags(tmp_path / "stopped")], tmp_path / "stopped.txt",
-                                     pick_pid=rank_1_worker)
+    computes bit for bit the losses of an uninterrupted torchrun run, which trains meanwhile (the stopped run still
+    gets its SIGTERM after step 1 of 16, only later)."""
+    uninterrupted = subprocess.Popen([*TORCHRUN, SCRIPT, *flags(tmp_path / "full")], env=ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+    try:
+        code, output = stop_with_sigterm([*TORCHRUN, SCRIPT, *flags(tmp_path / "stopped")], tmp_path / "stopped.txt",
+                                         pick_pid=rank_1_worker)
+        stdout, stderr = uninterrupted.communicate(timeout=300)
+    finally:
+        uninterrupted.kill()
+    assert uninterrupted.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    full = losses(run_dir_in(stdout))
     assert code != 0 and "exitcode  : 143" in output, output[-3000:]
     stop_step = int(re.search(r"stopped by SIGTERM after step (\d+)", output)[1])
     stopped = run_dir_in(output)
