@@ -70,8 +70,10 @@ def finish(*torchruns, timeout=300):
 
 
 def run_two_ranks(tmp_path, body, *extra):
-    """torchrun with 2 ranks on one node; returns (exit code, stdout and stderr, time of its exit)."""
-    flags = tiny_run(tmp_path / "logs", "--steps", "6", "--val-every", "0", *extra)
+    """torchrun with 2 ranks on one node, one micro-batch of 256 tokens a step on each; returns (exit code, stdout
+    and stderr, time of its exit)."""
+    flags = tiny_run(tmp_path / "logs", "--steps", "6", "--val-every", "0", "--batch-tokens", "512",
+                     "--micro-batch-tokens", "256", "--val-tokens", "512", *extra)
     with open(tmp_path / "output.txt", "w") as out:
         torchrun = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node=2", write_script(tmp_path, body),
                                      *flags], env=ENV, stdout=out, stderr=subprocess.STDOUT)
@@ -147,7 +149,7 @@ def test_two_nodes_train_one_model_and_only_rank_0_writes(tmp_path):
     launch = [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}"]
     flags = tiny_run(tmp_path / "logs", "--steps", str(steps), "--warmup-steps", "1", "--cooldown-steps", "1",
-                     "--val-every", "0", "--val-tokens", "2048")
+                     "--val-every", "0", "--batch-tokens", "512", "--micro-batch-tokens", "256", "--val-tokens", "512")
     nodes = []
     for node in range(2):
         with open(tmp_path / f"node{node}.out", "w") as out, open(tmp_path / f"node{node}.err", "w") as err:

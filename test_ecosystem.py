@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -70,6 +71,31 @@ def trained(tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def tokenizer_files():
+    """{max_length: the folder where export_hf.write_gpt2_tokenizer wrote its files}, filled by tokenizer_made_once."""
+    return {}
+
+
+@pytest.fixture
+def tokenizer_made_once(monkeypatch, tokenizer_files, tmp_path_factory):
+    """export_hf.export writes GPT-2's tokenizer files by recovering the 50,000 merges from the tiktoken ranks, about
+    4 s each time; they depend on nothing but data/gpt2.tiktoken and the model's seq_len. For a test that exports
+    and does not test the tokenizer, the first export (in this module) runs write_gpt2_tokenizer itself, and later
+    ones copy its files, byte for byte what it writes. test_exported_tokenizer_matches_tiktoken runs it itself."""
+    write = export_hf.write_gpt2_tokenizer
+
+    def write_once(out_dir, max_length):
+        if max_length not in tokenizer_files:
+            folder = tmp_path_factory.mktemp(f"tokenizer-{max_length}")
+            write(str(folder), max_length)
+            tokenizer_files[max_length] = folder
+        for name in sorted(os.listdir(tokenizer_files[max_length])):
+            shutil.copyfile(tokenizer_files[max_length] / name, os.path.join(out_dir, name))
+
+    monkeypatch.setattr(export_hf, "write_gpt2_tokenizer", write_once)
+
+
 def our_logits(model, window, idx):
     """model's logits with the visibility of this window (its own or another)."""
     mask = tg.build_mask(tg.sliding_window_mask(tg.ModelConfig(window=window)), idx.size(1), CPU, "sdpa")
@@ -99,6 +125,7 @@ def test_safetensors_layout(tmp_path):
     assert len(data) == header["b"]["data_offsets"][1]
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 def test_export_names_every_weight_and_the_window(tmp_path):
     model, _ = make_checkpoint(str(tmp_path / "run" / "ckpt_step000002.pt"), window=WINDOW, gate="head")
     config = export_hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))  # a run directory: its newest checkpoint
@@ -128,6 +155,7 @@ def folder(path):
     return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_only_an_export(tmp_path):
     """A baseline exported over a gated export is refused with the folder untouched (it would leave the gated
     model's code beside the baseline's weights); --force replaces the export; --force never removes anything but an
@@ -169,6 +197,7 @@ def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_only_an_ex
                                                    f"for the export\n"
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 def test_ungated_export_is_plain_qwen3(tmp_path):
     """A window-only model needs no code of ours: model type qwen3, no auto_map, no modeling file."""
     make_checkpoint(str(tmp_path / "ckpt.pt"), window=WINDOW)
@@ -184,6 +213,7 @@ def load_hf(path, attn_implementation, trust_remote_code=False):
     return model.eval()
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 @pytest.mark.parametrize("window, gate", ARMS + GATE_VARIANTS)
 def test_transformers_logits_match(tmp_path, trained, window, gate):
     """Trained baseline, window-only, gate-only and gated window models: transformers (Qwen3, or modeling_gated_qwen3.py
@@ -215,6 +245,7 @@ def test_transformers_logits_match(tmp_path, trained, window, gate):
         assert (our_logits(model, window, idx) - theirs).abs().max() > 1e-2
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 def test_transformers_refuses_a_gated_model_without_trust_remote_code(tmp_path, monkeypatch):
     """Without trust_remote_code, transformers' own error (after its prompt, answered with the default "no"), not a
     Qwen3 model without gates; the tokenizer still loads."""
@@ -261,6 +292,7 @@ def test_greedy_sampling_equals_greedy_by_hand(tmp_path):
     assert new == greedy_by_hand(model, WINDOW, prompt, 80)
 
 
+@pytest.mark.usefixtures("tokenizer_made_once")
 @pytest.mark.parametrize("gate", ["none", "head"])
 def test_transformers_generate_equals_greedy_sampling(tmp_path, trained, gate):
     """transformers' greedy generate (with its KV cache and sliding window, and for a gated model the gates) continues
@@ -326,15 +358,25 @@ def test_sampling_repeats_for_a_seed(tmp_path):
 
 
 def test_command_lines(tmp_path):
-    """export_hf.py and sample.py as a user runs them, on a run directory."""
+    """export_hf.py and sample.py as a user runs them, on a run directory (both at once: each spends most of its
+    time importing torch, on one core)."""
     make_checkpoint(str(tmp_path / "run" / "ckpt_step000002.pt"))
-    done = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), str(tmp_path / "run"), "--prompt", PROMPT,
-                           "--max-new-tokens", "5", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(PROMPT) and "5 tokens in" in done.stderr and "tokens/s" in done.stderr
-    done = subprocess.run([sys.executable, os.path.join(HERE, "export_hf.py"), str(tmp_path / "run"),
-                           str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    commands = {"sample": [sys.executable, os.path.join(HERE, "sample.py"), str(tmp_path / "run"), "--prompt", PROMPT,
+                           "--max-new-tokens", "5", "--device", "cpu"],
+                "export": [sys.executable, os.path.join(HERE, "export_hf.py"), str(tmp_path / "run"),
+                           str(tmp_path / "hf")]}
+    processes = {name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name, command in commands.items()}
+    try:
+        done = {name: (process.communicate(timeout=120), process.returncode) for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()
+    (stdout, stderr), code = done["sample"]
+    assert code == 0, stderr
+    assert stdout.startswith(PROMPT) and "5 tokens in" in stderr and "tokens/s" in stderr
+    (_, stderr), code = done["export"]
+    assert code == 0, stderr
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
     for main in (sample.main, lambda argv: export_hf.main([*argv, str(tmp_path / "out")])):
         with pytest.raises(ValueError, match="none: no such file or directory"):

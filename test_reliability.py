@@ -2,9 +2,11 @@
 
     python -m pytest -q test_reliability.py
 """
+import contextlib
 import errno
 import fcntl
 import glob
+import io
 import json
 import os
 import re
@@ -48,6 +50,20 @@ def train(*args, launcher=(sys.executable,)):
     return run([*launcher, SCRIPT, *args])
 
 
+def train_here(*args):
+    """train_gpt.main(args) in this process, with one thread as run() gives its subprocesses, so it sums in the same
+    order as they do; returns its stdout. For runs whose process is not what a test tests (no signal, no torchrun):
+    it saves a subprocess's imports."""
+    threads, stdout = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            tg.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return stdout.getvalue()
+
+
 def run_dir_in(output):
     return re.search(r"^run (\S+):", output, re.M)[1]
 
@@ -80,8 +96,9 @@ def resume_command(output):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The run directory of a run that never stops, with a checkpoint every 3 steps, all kept."""
-    return run_dir_in(train(*flags(tmp_path_factory.mktemp("uninterrupted"), "--save-every", "3",
+    """The run directory of a run that never stops, with a checkpoint every 3 steps, all kept (trained in this
+    process: the subprocesses that resume its checkpoints compute bit for bit the same losses)."""
+    return run_dir_in(train_here(*flags(tmp_path_factory.mktemp("uninterrupted"), "--save-every", "3",
                                    "--keep-checkpoints", "0")))
 
 
@@ -113,7 +130,7 @@ def test_resume_gives_the_losses_of_the_run_that_never_stopped(uninterrupted):
 
     before = files()
     checkpoint = tg.checkpoint_path(uninterrupted, 3)
-    resumed = run_dir_in(train(*flags(log_dir, "--resume", checkpoint)))
+    resumed = run_dir_in(train_here(*flags(log_dir, "--resume", checkpoint)))
     assert resumed != uninterrupted and os.path.dirname(resumed) == log_dir
     assert files() == before
     full, after = losses(uninterrupted), losses(resumed)
@@ -289,7 +306,8 @@ def test_resume_allows_a_longer_schedule_and_another_micro_batch_or_world_size(u
 
 def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 143 and prints the command
-    that resumes; that command finishes the run with every loss equal to the uninterrupted run's."""
+    that resumes; that command finishes the run with every loss equal to the uninterrupted run's (train_gpt.main()
+    with its arguments, in this process: the resume is no signal's business, and the stopped run is a process)."""
     code, output = stop_with_sigterm([sys.executable, SCRIPT, *flags(tmp_path)], tmp_path / "stopped.txt")
     assert code == 128 + signal.SIGTERM, output[-3000:]
     stop_step = int(re.search(r"stopped by SIGTERM after step (\d+)", output)[1])
@@ -297,7 +315,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(unint
     assert 1 <= stop_step < STEPS and tg.run_checkpoints(stopped) == [tg.checkpoint_path(stopped, stop_step)]
     command = resume_command(output)
     assert command == [sys.executable, os.path.relpath(SCRIPT), "--resume", tg.checkpoint_path(stopped, stop_step)]
-    resumed = run_dir_in(train("--resume", stopped))  # the run directory alone: its config is in the checkpoint
+    resumed = run_dir_in(train_here("--resume", stopped))  # the run directory alone: its config is in the checkpoint
     full = losses(uninterrupted)
     assert resumed != stopped and {**losses(stopped), **losses(resumed)} == full
 
@@ -346,10 +364,18 @@ def rank_1_worker(agent_pid):
 def test_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
     """Under torchrun with 2 gloo ranks, SIGTERM to rank 1 alone stops both ranks after the same step with a
     checkpoint (torchrun's own SIGTERM reaches every worker: the easier case); the resume, again under torchrun,
-    computes bit for bit the losses of an uninterrupted torchrun run."""
-    full = losses(run_dir_in(train(*flags(tmp_path / "full"), launcher=TORCHRUN)))
-    code, output = stop_with_sigterm([*TORCHRUN, SCRIPT, *flags(tmp_path / "stopped")], tmp_path / "stopped.txt",
-                                     pick_pid=rank_1_worker)
+    computes bit for bit the losses of an uninterrupted torchrun run, which trains meanwhile (the stopped run still
+    gets its SIGTERM after step 1 of 16, only later)."""
+    uninterrupted = subprocess.Popen([*TORCHRUN, SCRIPT, *flags(tmp_path / "full")], env=ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+    try:
+        code, output = stop_with_sigterm([*TORCHRUN, SCRIPT, *flags(tmp_path / "stopped")], tmp_path / "stopped.txt",
+                                         pick_pid=rank_1_worker)
+        stdout, stderr = uninterrupted.communicate(timeout=300)
+    finally:
+        uninterrupted.kill()
+    assert uninterrupted.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    full = losses(run_dir_in(stdout))
     assert code != 0 and "exitcode  : 143" in output, output[-3000:]
     stop_step = int(re.search(r"stopped by SIGTERM after step (\d+)", output)[1])
     stopped = run_dir_in(output)
