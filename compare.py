@@ -308,7 +308,8 @@ def provenance_notes(groups, labels):
     label_of = {id(r): labels[key] for key, members in groups.items() for r in members}
     runs = [r for members in groups.values() for r in members]
     codes = {r["provenance"].get("code_sha256") if "provenance" in r else None for r in runs}
-    fields = [f for f in PROVENANCE if not (len(codes) == 1 and None not in codes and f in ("git_commit", "git_dirty"))]
+    same_code = len(codes) == 1 and None not in codes
+    fields = [f for f in PROVENANCE if not (same_code and f in ("git_commit", "git_dirty"))]
     differing = []
     for field in fields:
         what, digits = PROVENANCE[field]

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_train import HERE, SAMPLE_TRAIN, make_shards, only_run_dir, read_metrics, tiny_run
+from test_train import (HERE, SAMPLE_TRAIN, make_shards, only_run_dir, read_metrics, subprocess_env,
+                        tiny_run)
 
 CPU = torch.device("cpu")
 # run.sh's allocator settings: without them glibc hands the logits' memory back to the OS after every step
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "2000000000",
-       "MALLOC_TRIM_THRESHOLD_": "4000000000", "MALLOC_TOP_PAD_": "1000000000"}
+ENV = subprocess_env()
 SCRIPT = os.path.join(HERE, "train_gpt.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 STEPS = 16

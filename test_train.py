@@ -28,6 +28,12 @@ SAMPLE_VAL = os.path.join(HERE, "data/sample/austen_val_*.bin")
 # train: on the CPU they about halve a tiny model's step time and change nothing else
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000",
               "MALLOC_TOP_PAD_": "1000000000"}
+
+
+def subprocess_env(**extra):
+    """The environment of a subprocess that trains: this one's as it is now (monkeypatch included), one thread,
+    MALLOC_ENV, and `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV, **extra}
 TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--head-dim", "16",
         "--mlp-hidden", "128", "--seq-len", "128", "--micro-batch-tokens", "1024", "--compile", "false"]
 
@@ -235,7 +241,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_p
     The two runs start together: each mostly imports torch on one core at first."""
     flags = tiny_run(tmp_path, "--steps", "3", "--warmup-steps", "1", "--cooldown-steps", "1", "--val-tokens", "2048",
                      "--val-every", "0", "--window", "32", "--gate", "head")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV}
+    env = subprocess_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     runs = {name: subprocess.Popen([*command, os.path.join(HERE, "train_gpt.py"), *flags, "--run-name", name],
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -260,7 +266,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_only_rank_0_logs(tmp_p
 
 
 def run_sh(tmp_path, *args, ngpu="1"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": ngpu, **MALLOC_ENV}
+    env = subprocess_env(NGPU=ngpu)
     return subprocess.run(["bash", os.path.join(HERE, "run.sh"), *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -311,7 +317,7 @@ def preset_runs(tmp_path_factory):
     runs = {}
     for preset, _, _ in PRESETS:
         log_dir = tmp_path_factory.mktemp(f"preset-{preset}")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", **MALLOC_ENV}  # run_sh's
+        env = subprocess_env(NGPU="1")  # run_sh's
         runs[preset] = log_dir, subprocess.Popen(
             ["bash", os.path.join(HERE, "run.sh"), preset, *study_flags(log_dir), "--log-dir", str(log_dir)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -390,7 +396,7 @@ def test_run_sh_study_needs_a_gpu_for_each_run_at_once(tmp_path):
 def test_run_sh_study_sigterm_stops_the_run_with_a_checkpoint_and_skips_the_rest(tmp_path):
     flags = study_flags(tmp_path)
     flags[flags.index("--steps") + 1] = "1000"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", **MALLOC_ENV}
+    env = subprocess_env(NGPU="1")
     study = subprocess.Popen(["bash", os.path.join(HERE, "run.sh"), "compare", "--seeds", "0,1", "--log-dir",
                               str(tmp_path), *flags, "--cooldown-steps", "1"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
