@@ -213,6 +213,26 @@ def test_fp8_loss_in_the_model_matches_the_plain_loss():
             / results["plain"][1]["embed.weight"].norm()) > 1e-4  # the output layer's share did run in FP8
 
 
+def test_residual_stream_is_in_the_autocast_dtype():
+    """Under bf16 autocast (the GPU's training) every block reads and writes a bf16 residual stream; without
+    autocast (the CPU) it stays float32, so the CPU's losses are unchanged. The bf16 loss stays near float32's."""
+    cfg = tg.ModelConfig(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128,
+                         seq_len=64, window=16, gate="head")
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    idx, targets = torch.randint(0, 512, (2, 4, 64))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+    plain = model(idx, targets, model.masks(64, CPU))
+    assert seen == [(torch.float32, torch.float32)] * 2
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(idx, targets, model.masks(64, CPU))
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - plain.item()) < 0.02 * plain.item()
+
+
 def test_fp8_scales_are_powers_of_two_that_fill_the_range():
     """to_fp8 scales by a power of two (exact) that puts the largest magnitude within a factor 2 under the format's
     largest, and its inverse undoes it."""

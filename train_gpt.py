@@ -507,6 +507,10 @@ class GPT(nn.Module):
         else:  # longer than training (--eval-seq-lens): the same turns per position, continued
             cos, sin = (t.to(idx.device) for t in rotary_tables(self.cfg.head_dim, T, self.cfg.rope_base))
         x = self.embed(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in autocast's dtype (bf16 on CUDA), as each branch's output is: half the bytes of
+            # float32 in every add and norm, for 5% of a step on an H200 (docs/performance.md)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.blocks:
             x = block(x, cos, sin, masks)
         return self.final_norm(x)
