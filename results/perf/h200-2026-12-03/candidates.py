@@ -9,12 +9,15 @@ A variant is MODEL:PARTS[@MODE]. MODEL: gated (window 256, head gate) or baselin
 joined by +: ref (train_gpt's model as it is), qkvg (q, k, v and the gate's W_g stacked in one weight, one matrix
 product split by views), qkvg8 (the same, its width rounded up to a multiple of 8 with zero rows that nothing
 reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad (the gate's own product padded to a
-multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), bf16 (the residual
-stream kept in the autocast dtype from the embedding on), ce (the output layer and cross-entropy as one autograd
-Function that computes the logits' gradient in the forward pass: LinearCrossEntropy). MODE: torch.compile's mode
-(default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune), or coordinate-descent: the default mode with
-inductor's coordinate_descent_tuning, which tunes the block sizes of its own elementwise and reduction kernels (the
-step's ~35 ms of them) and leaves the matrix products to cuBLAS.
+multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), ce (the output
+layer and cross-entropy as one autograd Function that computes the logits' gradient in the forward pass:
+LinearCrossEntropy), qmlp (mlp's stacked weight through quack-kernels' MLP, whose matrix products compute SwiGLU in
+their epilogues, forward and backward), qce (the output layer and loss through quack-kernels' chunked linear
+cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
+qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to mlp and the plain loss, so
+the CPU check covers their weight layout only. MODE: torch.compile's mode (default, reduce-overhead,
+max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's: bf16 under autocast since 5593f34
+(the `bf16` part of the tables before that commit).
 
 Every variant starts from the reference's weights copied into its layout, so the first step's loss and gradients
 must agree with the reference's to rounding (the table's last columns; a layout bug shows as an error near 1). The
@@ -46,15 +49,16 @@ sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402  (found through REPO, from any working directory)
 
 MODELS = {"gated": dict(window=256, gate="head"), "baseline": dict(window=0, gate="none")}
-PARTS = ("ref", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "bf16", "ce")
-MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune", "coordinate-descent")
+PARTS = ("ref", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "ce", "qmlp", "qce")
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Most promising first, since the budget cuts the list's end. The first measurement (flex.md, whose header lists its
 # variants) ran the fused layouts with and without the bf16 residual, CUDA graphs, each fusion alone and the baseline:
 # stacking paid only when its width was a multiple of 8, and the bf16 residual paid. The second (fa4.md) timed each
-# alone: the bf16 residual 1.052x, the aligned stacks and the padded gate 1 to 2%. So now the bf16 residual as the
-# base, with the loss computed as LinearCrossEntropy, and with the stacks.
-DEFAULT_VARIANTS = ("gated:ref", "gated:bf16", "gated:bf16+ce", "gated:qkv+gatepad+bf16+ce", "gated:qkvg8+bf16+ce",
-                    "gated:bf16+ce@coordinate-descent", "baseline:ref", "baseline:bf16+ce", "baseline:qkv+bf16+ce")
+# alone: the bf16 residual 1.052x (train_gpt's since 5593f34, so in ref now), the aligned stacks and the padded gate
+# 1 to 2%. The elementwise work left is largest in the MLP and the loss: now the loss as one Function, quack's fused
+# SwiGLU and loss, and all of them with the stack of q, k and v.
+DEFAULT_VARIANTS = ("gated:ref", "gated:qce", "gated:qmlp", "gated:ce", "gated:qkv+gatepad+qmlp+qce",
+                    "baseline:ref", "baseline:qkv+qmlp+qce", "gated:qkv+gatepad+ce")
 TINY = dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 TINY_BATCH, TINY_WINDOW = 4, 16
 ALIGN = 8  # bf16 elements in 16 bytes: the alignment of row strides that cuBLAS's fast kernels and TMA need
@@ -85,6 +89,10 @@ def parse_variant(spec: str) -> Variant:
         problems.append("ref means no change, so it stands alone")
     if len(parts & {"qkvg", "qkvg8", "qkv"}) > 1:
         problems.append("qkvg, qkvg8 and qkv are layouts of one projection: pick one")
+    if len(parts & {"mlp", "qmlp"}) > 1:
+        problems.append("qmlp is mlp's layout through quack's kernels: pick one")
+    if len(parts & {"ce", "qce"}) > 1:
+        problems.append("ce and qce are two ways to compute the loss: pick one")
     if "gatepad" in parts and parts & {"qkvg", "qkvg8"}:
         problems.append("gatepad pads the gate's own product, which qkvg and qkvg8 fold into theirs: use qkv")
     if mode not in MODES:
@@ -171,6 +179,28 @@ class FusedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class QuackMLP(FusedMLP):
+    """FusedMLP through quack-kernels' MLP on CUDA: the first product writes silu(gate) * up from its epilogue (and
+    the pre-activations, for the backward), the backward's first product computes SwiGLU's derivative in its
+    epilogue. concat_layout: the weight's first half is gate_proj, as FusedMLP's. On the CPU, FusedMLP."""
+
+    def forward(self, x):
+        if not x.is_cuda:
+            return super().forward(x)
+        from quack.mlp import mlp_func
+        return mlp_func(x, self.gate_up.weight, self.down_proj.weight, activation="swiglu", concat_layout=True)
+
+
+def quack_linear_cross_entropy(x, weight, targets):
+    """The tied output layer and the mean cross-entropy through quack-kernels' chunked linear cross-entropy (its
+    scaled-exp pipeline on an H100/H200: the softmax in the products' epilogues, the gradients computed in the forward
+    pass, no (N, V) logits stored). On the CPU, the plain loss."""
+    if not x.is_cuda:
+        return F.cross_entropy(F.linear(x, weight).float(), targets)
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+    return chunked_linear_cross_entropy(x, weight, targets)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The tied output layer and the mean cross-entropy, f(x (N, d), weight (V, d), targets (N,)), with the logits'
     gradient, (softmax - one-hot) / N, computed in the forward pass in the logits' dtype. The compiler can then fuse
@@ -201,12 +231,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class CandidateGPT(tg.GPT):
-    """train_gpt's GPT with the variant's layers swapped in (their weights come from load_reference), and with the
-    residual stream cast to residual_dtype after the embedding when that is set."""
+    """train_gpt's GPT with the variant's layers swapped in (their weights come from to_layout) and its loss."""
 
     def __init__(self, cfg: tg.ModelConfig, parts: frozenset):
         super().__init__(cfg)
-        self.residual_dtype, self.fused_ce = None, "ce" in parts
+        self.loss_part = next(iter(parts & {"ce", "qce"}), None)
         for block in self.blocks:
             if parts & {"qkvg", "qkvg8"}:
                 block.attn = FusedAttention(cfg, ALIGN if "qkvg8" in parts else 1)
@@ -214,23 +243,14 @@ class CandidateGPT(tg.GPT):
                 block.attn = FusedAttention(cfg, 1, gate_inside=False, padded_gate="gatepad" in parts)
             elif "gatepad" in parts and block.attn.gate is not None:
                 block.attn.gate = PaddedGate(cfg)
-            if "mlp" in parts:
-                block.mlp = FusedMLP(cfg)
-
-    def hidden(self, idx, masks):
-        T = idx.size(1)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed(idx)
-        if self.residual_dtype is not None:  # else float32: the embedding's dtype, kept by each block's add
-            x = x.to(self.residual_dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, masks)
-        return self.final_norm(x)
+            if parts & {"mlp", "qmlp"}:
+                block.mlp = QuackMLP(cfg) if "qmlp" in parts else FusedMLP(cfg)
 
     def forward(self, idx, targets, masks):
-        if not self.fused_ce:
+        if self.loss_part is None:
             return super().forward(idx, targets, masks)
-        return LinearCrossEntropy.apply(self.hidden(idx, masks).flatten(0, 1), self.embed.weight, targets.flatten())
+        loss = LinearCrossEntropy.apply if self.loss_part == "ce" else quack_linear_cross_entropy
+        return loss(self.hidden(idx, masks).flatten(0, 1), self.embed.weight, targets.flatten())
 
 
 def to_layout(state: dict, model: nn.Module) -> dict:
@@ -326,13 +346,11 @@ def compare(grads: dict, reference: dict) -> tuple[float, str, float]:
     return worst, worst_name, (diff2 / ref2) ** 0.5 if ref2 > 0 else diff2 ** 0.5
 
 
-def build_model(variant: Variant, cfg, state, backend, device, residual_dtype):
+def build_model(variant: Variant, cfg, state, backend, device):
     if variant.parts == {"ref"}:
         model = tg.GPT(cfg)
     else:
         model = CandidateGPT(cfg, variant.parts)
-        if "bf16" in variant.parts:
-            model.residual_dtype = residual_dtype
         for block in model.blocks:
             if isinstance(block.attn, FusedAttention):
                 block.attn.copy_v = backend == "fa4" and block.attn.qkvg.out_features % ALIGN != 0
@@ -345,7 +363,7 @@ def measure(variant: Variant, ctx, is_reference: bool, reference) -> dict:
     noise (the same pass run twice); the others are compared with `reference`, that record (None: not run)."""
     args, device, cfg = ctx.args, ctx.device, ctx.cfgs[variant.model]
     result = {"spec": variant.spec}
-    model = build_model(variant, cfg, ctx.states[variant.model], ctx.backend, device, ctx.residual_dtype)
+    model = build_model(variant, cfg, ctx.states[variant.model], ctx.backend, device)
     result["width_qkvg"] = [b.attn.qkvg.out_features for b in model.blocks if isinstance(b.attn, FusedAttention)][:1]
     result["copy_v"] = any(getattr(b.attn, "copy_v", False) for b in model.blocks)
     try:  # a report, not part of the step: its failure should not cost the variant
@@ -355,12 +373,8 @@ def measure(variant: Variant, ctx, is_reference: bool, reference) -> dict:
     masks = model.masks(cfg.seq_len, device, ctx.backend)
     compiled, cudagraphs = model, False
     if ctx.compile:
-        if variant.mode == "coordinate-descent":
-            compiled = torch.compile(model, dynamic=False, backend=args.compile_backend,
-                                     options={"coordinate_descent_tuning": True})
-        else:
-            mode = None if variant.mode == "default" else variant.mode
-            compiled = torch.compile(model, dynamic=False, mode=mode, backend=args.compile_backend)
+        mode = None if variant.mode == "default" else variant.mode
+        compiled = torch.compile(model, dynamic=False, mode=mode, backend=args.compile_backend)
         cudagraphs = variant.mode in ("reduce-overhead", "max-autotune")
     elif variant.mode != "default":
         result["note"] = f"mode {variant.mode} not applied: compile is off"
@@ -525,7 +539,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend; aot_eager checks tracing on the CPU cheaply (modes need inductor)")
     parser.add_argument("--cpu-bf16", action="store_true",
-                        help="bf16 autocast on the CPU too (the GPU always has it), to check the bf16 residual")
+                        help="bf16 autocast on the CPU too (the GPU always has it), as the GPU computes")
     parser.add_argument("--profile", default="", help="variants (comma-separated) to profile after timing (bench.py)")
     return parser.parse_args(argv)
 
@@ -554,7 +568,6 @@ class Context:
             self.backend = "sdpa"  # FlexAttention has no backward on the CPU; train_gpt uses the dense mask there
         self.compile = args.compile == "on" or (args.compile == "auto" and self.device.type == "cuda")
         bf16 = self.device.type == "cuda" or args.cpu_bf16
-        self.residual_dtype = torch.bfloat16 if bf16 else None  # the autocast dtype; none without autocast
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.states = {m: reference_state(cfg, args.seed) for m, cfg in self.cfgs.items()}
         self.n_params = {m: sum(t.numel() for t in s.values()) for m, s in self.states.items()}
