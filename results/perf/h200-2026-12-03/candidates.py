@@ -16,8 +16,9 @@ their epilogues, forward and backward), qce (the output layer and loss through q
 cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
 qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to mlp and the plain loss, so
 the CPU check covers their weight layout only. MODE: torch.compile's mode (default, reduce-overhead,
-max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's: bf16 under autocast since 5593f34
-(the `bf16` part of the tables before that commit).
+max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's, bf16 under autocast since 5593f34
+(the `bf16` part of the tables before that commit), except with f32: float32 from the embedding on, as before
+5593f34, the path issue 22's 1.15x is measured against.
 
 Every variant starts from the reference's weights copied into its layout, so the first step's loss and gradients
 must agree with the reference's to rounding (the table's last columns; a layout bug shows as an error near 1). The
@@ -49,7 +50,7 @@ sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402  (found through REPO, from any working directory)
 
 MODELS = {"gated": dict(window=256, gate="head"), "baseline": dict(window=0, gate="none")}
-PARTS = ("ref", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "ce", "qmlp", "qce")
+PARTS = ("ref", "f32", "qkvg", "qkvg8", "qkv", "gatepad", "mlp", "ce", "qmlp", "qce")
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Most promising first, since the budget cuts the list's end. The first measurement (flex.md, whose header lists its
 # variants) ran the fused layouts with and without the bf16 residual, CUDA graphs, each fusion alone and the baseline:
@@ -57,8 +58,8 @@ MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotu
 # alone: the bf16 residual 1.052x (train_gpt's since 5593f34, so in ref now), the aligned stacks and the padded gate
 # 1 to 2%. The elementwise work left is largest in the MLP and the loss: now the loss as one Function, quack's fused
 # SwiGLU and loss, and all of them with the stack of q, k and v.
-DEFAULT_VARIANTS = ("gated:ref", "gated:qce", "gated:qmlp", "gated:ce", "gated:qkv+gatepad+qmlp+qce",
-                    "baseline:ref", "baseline:qkv+qmlp+qce", "gated:qkv+gatepad+ce")
+DEFAULT_VARIANTS = ("gated:ref", "gated:f32", "gated:qce", "gated:qmlp", "gated:qkv+gatepad+qmlp+qce", "baseline:ref",
+                    "baseline:f32", "baseline:qkv+qmlp+qce", "gated:ce", "gated:qkv+gatepad+ce")
 TINY = dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 TINY_BATCH, TINY_WINDOW = 4, 16
 ALIGN = 8  # bf16 elements in 16 bytes: the alignment of row strides that cuBLAS's fast kernels and TMA need
@@ -245,6 +246,17 @@ class CandidateGPT(tg.GPT):
                 block.attn.gate = PaddedGate(cfg)
             if parts & {"mlp", "qmlp"}:
                 block.mlp = QuackMLP(cfg) if "qmlp" in parts else FusedMLP(cfg)
+        self.float32_residual = "f32" in parts
+
+    def hidden(self, idx, masks):
+        if not self.float32_residual:
+            return super().hidden(idx, masks)
+        T = idx.size(1)  # train_gpt's GPT.hidden before 5593f34: the embedding's float32 kept by each block's add
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, masks)
+        return self.final_norm(x)
 
     def forward(self, idx, targets, masks):
         if self.loss_part is None:
