@@ -11,11 +11,11 @@ product split by views), qkvg8 (the same, its width rounded up to a multiple of 
 reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad (the gate's own product padded to a
 multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), ce (the output
 layer and cross-entropy as one autograd Function that computes the logits' gradient in the forward pass:
-LinearCrossEntropy), qmlp (mlp's stacked weight through quack-kernels' MLP, whose matrix products compute SwiGLU in
-their epilogues, forward and backward), qce (the output layer and loss through quack-kernels' chunked linear
+LinearCrossEntropy), qmlp (the MLP through quack-kernels' MLP, whose matrix products compute SwiGLU in their
+epilogues, forward and backward; train_gpt's parameters, stacked every step), qce (the output layer and loss through quack-kernels' chunked linear
 cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
-qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to mlp and the plain loss, so
-the CPU check covers their weight layout only. MODE: torch.compile's mode (default, reduce-overhead,
+qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to train_gpt's MLP and the
+plain loss, so the CPU check covers little of them. MODE: torch.compile's mode (default, reduce-overhead,
 max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's, bf16 under autocast since 5593f34
 (the `bf16` part of the tables before that commit), except with f32: float32 from the embedding on, as before
 5593f34, the path issue 22's 1.15x is measured against.
@@ -91,7 +91,7 @@ def parse_variant(spec: str) -> Variant:
     if len(parts & {"qkvg", "qkvg8", "qkv"}) > 1:
         problems.append("qkvg, qkvg8 and qkv are layouts of one projection: pick one")
     if len(parts & {"mlp", "qmlp"}) > 1:
-        problems.append("qmlp is mlp's layout through quack's kernels: pick one")
+        problems.append("mlp and qmlp are two ways to compute the MLP: pick one")
     if len(parts & {"ce", "qce"}) > 1:
         problems.append("ce and qce are two ways to compute the loss: pick one")
     if "gatepad" in parts and parts & {"qkvg", "qkvg8"}:
@@ -180,16 +180,19 @@ class FusedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class QuackMLP(FusedMLP):
-    """FusedMLP through quack-kernels' MLP on CUDA: the first product writes silu(gate) * up from its epilogue (and
-    the pre-activations, for the backward), the backward's first product computes SwiGLU's derivative in its
-    epilogue. concat_layout: the weight's first half is gate_proj, as FusedMLP's. On the CPU, FusedMLP."""
+class QuackMLP(tg.MLP):
+    """train_gpt's MLP, its parameters as they are, through quack-kernels' MLP on CUDA: the first product writes
+    silu(gate) * up from its epilogue (and the pre-activations, for the backward), the backward's first product
+    computes SwiGLU's derivative in its epilogue. Its first weight is gate_proj's rows, then up_proj's
+    (concat_layout), stacked every step: 2 x 2048 x 768 values, little next to the activations of 65,536 tokens. On
+    the CPU, train_gpt's MLP."""
 
     def forward(self, x):
         if not x.is_cuda:
             return super().forward(x)
         from quack.mlp import mlp_func
-        return mlp_func(x, self.gate_up.weight, self.down_proj.weight, activation="swiglu", concat_layout=True)
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        return mlp_func(x, gate_up, self.down_proj.weight, activation="swiglu", concat_layout=True)
 
 
 def quack_linear_cross_entropy(x, weight, targets):
@@ -244,8 +247,10 @@ class CandidateGPT(tg.GPT):
                 block.attn = FusedAttention(cfg, 1, gate_inside=False, padded_gate="gatepad" in parts)
             elif "gatepad" in parts and block.attn.gate is not None:
                 block.attn.gate = PaddedGate(cfg)
-            if parts & {"mlp", "qmlp"}:
-                block.mlp = QuackMLP(cfg) if "qmlp" in parts else FusedMLP(cfg)
+            if "mlp" in parts:
+                block.mlp = FusedMLP(cfg)
+            elif "qmlp" in parts:
+                block.mlp = QuackMLP(cfg)
         self.float32_residual = "f32" in parts
 
     def hidden(self, idx, masks):
