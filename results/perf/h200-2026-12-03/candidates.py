@@ -192,7 +192,9 @@ class QuackMLP(tg.MLP):
             return super().forward(x)
         from quack.mlp import mlp_func
         gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        return mlp_func(x, gate_up, self.down_proj.weight, activation="swiglu", concat_layout=True)
+        # tuned=False: quack's default tiles. Its autotuner would JIT-compile some 40 configurations of each of the
+        # MLP's six products, minutes that a candidate's budget does not have; tune once this pays untuned
+        return mlp_func(x, gate_up, self.down_proj.weight, activation="swiglu", concat_layout=True, tuned=False)
 
 
 def quack_linear_cross_entropy(x, weight, targets):
