@@ -12,8 +12,8 @@ reads), qkv (q, k and v stacked, 2,560 rows, the gate its own product), gatepad 
 multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and up_proj stacked), ce (the output
 layer and cross-entropy as one autograd Function that computes the logits' gradient in the forward pass:
 LinearCrossEntropy), qmlp (the MLP through quack-kernels' MLP, whose matrix products compute SwiGLU in their
-epilogues, forward and backward; train_gpt's parameters, stacked every step), qce (the output layer and loss through quack-kernels' chunked linear
-cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
+epilogues, forward and backward; train_gpt's parameters, stacked every step), qce (the output layer and loss
+through quack-kernels' chunked linear cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
 qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to train_gpt's MLP and the
 plain loss, so the CPU check covers little of them. MODE: torch.compile's mode (default, reduce-overhead,
 max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's, bf16 under autocast since 5593f34
@@ -180,6 +180,18 @@ class FusedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+QUACK = {}  # quack-kernels' functions, imported by load_quack before a qmlp or qce variant is compiled
+
+
+def load_quack():
+    """Imports quack-kernels' MLP and linear cross-entropy once, outside any compiled code: an import error is then
+    the variant's error row, and the compiled forward only reads QUACK."""
+    if not QUACK:
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+        from quack.mlp import mlp_func
+        QUACK.update(mlp_func=mlp_func, chunked_linear_cross_entropy=chunked_linear_cross_entropy)
+
+
 class QuackMLP(tg.MLP):
     """train_gpt's MLP, its parameters as they are, through quack-kernels' MLP on CUDA: the first product writes
     silu(gate) * up from its epilogue (and the pre-activations, for the backward), the backward's first product
@@ -190,11 +202,11 @@ class QuackMLP(tg.MLP):
     def forward(self, x):
         if not x.is_cuda:
             return super().forward(x)
-        from quack.mlp import mlp_func
         gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
         # tuned=False: quack's default tiles. Its autotuner would JIT-compile some 40 configurations of each of the
         # MLP's six products, minutes that a candidate's budget does not have; tune once this pays untuned
-        return mlp_func(x, gate_up, self.down_proj.weight, activation="swiglu", concat_layout=True, tuned=False)
+        return QUACK["mlp_func"](x, gate_up, self.down_proj.weight, activation="swiglu", concat_layout=True,
+                                 tuned=False)
 
 
 def quack_linear_cross_entropy(x, weight, targets):
@@ -203,8 +215,7 @@ def quack_linear_cross_entropy(x, weight, targets):
     pass, no (N, V) logits stored). On the CPU, the plain loss."""
     if not x.is_cuda:
         return F.cross_entropy(F.linear(x, weight).float(), targets)
-    from quack.linear_cross_entropy import chunked_linear_cross_entropy
-    return chunked_linear_cross_entropy(x, weight, targets)
+    return QUACK["chunked_linear_cross_entropy"](x, weight, targets)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -366,6 +377,8 @@ def compare(grads: dict, reference: dict) -> tuple[float, str, float]:
 
 
 def build_model(variant: Variant, cfg, state, backend, device):
+    if device.type == "cuda" and variant.parts & {"qmlp", "qce"}:
+        load_quack()
     if variant.parts == {"ref"}:
         model = tg.GPT(cfg)
     else:
