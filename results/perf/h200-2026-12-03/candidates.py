@@ -13,7 +13,8 @@ multiple of 8 rows at call time: 16 for the head gate's 12), mlp (gate_proj and 
 layer and cross-entropy as one autograd Function that computes the logits' gradient in the forward pass:
 LinearCrossEntropy), qmlp (the MLP through quack-kernels' MLP, whose matrix products compute SwiGLU in their
 epilogues, forward and backward; train_gpt's parameters, stacked every step), qce (the output layer and loss
-through quack-kernels' chunked linear cross-entropy, which on an H100/H200 computes the softmax in its products' epilogues and never stores the logits).
+through quack-kernels' chunked linear cross-entropy, which on an H100/H200 computes the softmax in its products'
+epilogues and never stores the logits).
 qmlp and qce need quack-kernels (in the optional GPU wheels); on the CPU they fall back to train_gpt's MLP and the
 plain loss, so the CPU check covers little of them. MODE: torch.compile's mode (default, reduce-overhead,
 max-autotune-no-cudagraphs, max-autotune). The residual stream is train_gpt's, bf16 under autocast since 5593f34
