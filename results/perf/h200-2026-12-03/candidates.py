@@ -64,7 +64,7 @@ MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotu
 # SwiGLU and loss, and all of them with the stack of q, k and v.
 DEFAULT_VARIANTS = ("gated:ref", "gated:f32", "gated:qce", "gated:qmlp", "gated:qkv+gatepad+qmlp+qce",
                     "window:qkv+qmlp+qce", "baseline:ref", "baseline:f32", "baseline:qkv+qmlp+qce",
-                    "gated:qkv+gatepad+ce", "gated:ce")
+                    "gated:qkvg8+qmlp+qce", "gated:qkv+gatepad+ce")
 TINY = dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=128, seq_len=64)
 TINY_BATCH, TINY_WINDOW = 4, 16
 ALIGN = 8  # bf16 elements in 16 bytes: the alignment of row strides that cuBLAS's fast kernels and TMA need
