@@ -54,6 +54,16 @@ def only_run_dir(parent):
     return os.path.join(parent, name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the fused loss's wrapper loads the compiler at import")
+def test_importing_train_gpt_leaves_the_compiler_unloaded():
+    """A CPU run never compiles, so importing train_gpt.py must not load torch's compiler: it would add about 3 s to
+    every process that trains on the CPU (each of these tests' subprocesses too)."""
+    code = "import sys, train_gpt; print([m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_tiny_gated_model_learns_and_logs(tmp_path):
     """Starts at ln(vocab) and clearly learns; the run directory holds everything the README promises.
     Steps of 256 tokens (2 sequences) and evaluations on 1024: 40 steps take the validation loss down by about 3.8

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
@@ -269,6 +270,9 @@ def build_mask(mask_mod, seq_len: int, device, backend: str):
     """mask_mod as `backend` takes it: a FlexAttention BlockMask, a FlashWindow, or a dense boolean mask for SDPA.
     Built once per length, outside forward, so the compiled model never recompiles for it."""
     if backend == "flex":
+        global _compiled_flex_attention
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
         return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
     if backend == "fa4":
         window = flash_window(mask_mod, seq_len, device)
@@ -289,7 +293,9 @@ class AttentionMasks(NamedTuple):
 # -----------------------------------------------------------------------------
 # Attention kernels: FlashAttention-4 (optional; its custom ops are in fa4_ops.py), FlexAttention, SDPA
 
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # uncompiled flex is a slow reference
+# torch.compile(flex_attention), made by build_mask with the first BlockMask: uncompiled flex is a slow reference,
+# and compiling it at import would cost every process about 3 s, CPU runs too, which train with SDPA
+_compiled_flex_attention = None
 
 
 def attention(q, k, v, mask):
@@ -305,7 +311,8 @@ def attention(q, k, v, mask):
         return out.transpose(1, 2)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    flex = _compiled_flex_attention or flex_attention  # uncompiled only for a BlockMask that build_mask did not make
+    return flex(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 def choose_attention_backend(requested: str, cfg: ModelConfig, device: torch.device) -> tuple[str, str]:
@@ -548,10 +555,14 @@ def liger_loss_module():
     return LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
 
 
-@torch.compiler.disable  # run as it is, between compiled graphs: its host-side .item() and Triton launches do not trace
 def fused_linear_cross_entropy(weight, x, targets):
     """The mean cross-entropy of the logits x @ weight^T against targets, a chunk of tokens at a time (liger-kernel)."""
     return liger_loss_module()(weight, x, targets)
+
+
+if torch.cuda.is_available():  # the only place it runs (check_loss); the wrapper imports torch's compiler, ~2 s
+    # run as it is, between compiled graphs: its host-side .item() and Triton launches do not trace
+    fused_linear_cross_entropy = torch.compiler.disable(fused_linear_cross_entropy)
 
 
 def to_fp8(t, dtype):
@@ -1465,8 +1476,31 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def run_script():
     try:
         main()
     except (ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    if "RANK" not in os.environ:
+        run_script()
+    else:
+        # A torchrun worker leaves by os._exit, once its output is flushed (every file it wrote is closed): in the
+        # interpreter's own teardown, gloo's threads can end the process by std::terminate, SIGABRT, after a run
+        # that finished (torch 2.13, CPU ranks, a few runs in a hundred)
+        exit_code = 0
+        try:
+            run_script()
+        except SystemExit as stop:  # sys.exit's code: an int, or a message that means 1
+            exit_code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            exit_code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_code)
